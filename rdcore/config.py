@@ -1,0 +1,152 @@
+"""Training configuration: one dataclass, a docstring per field, validated on construction.
+
+The resolved configuration is written to ``<output_dir>/config.json`` by every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rdcore import ConfigError
+from rdcore.data import TASKS, TEMPLATES
+
+METHODS = ("inst_tune_no_rule", "inst_tune_rule", "rule_distill_base")
+FINETUNE_MODES = ("full",)
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (command-line flags have the same names)."""
+
+    model: str = "smollm2-135m"
+    """Preset (``tiny``, ``smollm2-135m``) or path of a local Hugging Face model folder."""
+    task: str = "arithmetic"
+    """Packaged task: arithmetic, jailbreak or sentiment (ignored when ``data_file`` is set)."""
+    shots: int = 8
+    """k of the packaged k-shot training split."""
+    data_file: str | None = None
+    """A user's JSON/JSONL file of {rule, input, output[, context]} rows instead of a task."""
+    method: str = "rule_distill_base"
+    """inst_tune_no_rule | inst_tune_rule (CE without/with the rule) | rule_distill_base (the
+    starting model with the rule in context is the teacher)."""
+    finetune: str = "full"
+    """full: every weight trains and the teacher is the live model (shared weights)."""
+    template: str = "alpaca"
+    """Prompt template: alpaca (the paper's) or chat (the tokenizer's chat template)."""
+    max_length: int = 1024
+    """Longest allowed sequence; longer examples are an error, never truncated."""
+    epochs: int = 1
+    """Passes over the training examples."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run all epochs)."""
+    micro_batch_size: int = 1
+    """Examples per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW), cosine decay to 0 after ``warmup_steps``."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    temperature: float = 1.0
+    """Distillation temperature T; the KL term is multiplied by T²."""
+    beta: float = 10.0
+    """Weight of the normalised hidden-state MSE (the paper's default; its script uses 10000)."""
+    alpha: float = 0.0
+    """Weight of the hard-label CE added to distillation (the paper: 0)."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 (CPU) or bfloat16."""
+    seed: int = 0
+    """Seed for model init (tiny), data order and dropout."""
+    output_dir: str = "runs/default"
+    """Where config.json, metrics.jsonl, checkpoints and the final model go."""
+    ds_config: str = "ds_configs/zero3_cpu.json"
+    """DeepSpeed JSON config; batch sizes and optimizer settings are filled in from this config."""
+    save_every: int = 0
+    """Save a resumable checkpoint every this many optimizer steps (0: only at the end)."""
+    stop_at_step: int = 0
+    """Save a checkpoint and exit after this optimizer step (0: never); resume later with the same
+    flags. For splitting a run across time-limited job allocations (and for testing resumption)."""
+    resume: bool = True
+    """Resume from the latest checkpoint in output_dir if there is one."""
+    save_model: bool = True
+    """Write the final model as a safetensors Hugging Face folder in output_dir/final."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r} "
+             "(rule_distill_enhanced and LoRA land with the trainer issue)")
+        need(self.finetune in FINETUNE_MODES,
+             f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
+        need(self.data_file is not None or self.task in TASKS,
+             f"task must be one of {sorted(TASKS)}, got {self.task!r}")
+        if self.data_file is None:
+            need(self.shots in TASKS[self.task].shots,
+                 f"task {self.task!r} has k-shot splits {TASKS[self.task].shots}, not {self.shots}")
+        need(self.template in TEMPLATES, f"template must be one of {TEMPLATES}")
+        need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}")
+        for name in ("max_length", "epochs", "micro_batch_size", "grad_accum"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "save_every", "stop_at_step", "beta", "alpha",
+                     "weight_decay"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        need(Path(self.ds_config).is_file(), f"ds_config {self.ds_config!r} is not a file")
+
+    @property
+    def distill(self) -> bool:
+        return self.method.startswith("rule_distill")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (on/off), got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """An argparse parser with one ``--flag`` per :class:`TrainConfig` field."""
+    parser = argparse.ArgumentParser(
+        description="rdcore: rule distillation under DeepSpeed ZeRO-3. "
+        "Run with: deepspeed --num_accelerators 2 rdcore/train.py [flags]")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        kind = hints[f.name]
+        arg_type: Any
+        if kind is bool:
+            arg_type = _parse_bool
+        elif kind in (int, float):
+            arg_type = kind
+        else:
+            arg_type = str
+        parser.add_argument(f"--{f.name}", type=arg_type, default=f.default,
+                            help=f"(default: {f.default})")
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    args = vars(build_parser().parse_args(argv))
+    args.pop("local_rank", None)
+    return TrainConfig(**args)

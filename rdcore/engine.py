@@ -1,0 +1,122 @@
+"""DeepSpeed glue: the only module of rdcore that imports ``deepspeed``.
+
+* :func:`init_distributed` — gloo on CPU, NCCL on CUDA.
+* :func:`build_engine` — fills a DeepSpeed JSON config from :class:`~rdcore.config.TrainConfig`
+  (batch sizes, AdamW settings; ``torch_adam`` on CPU so nothing is JIT-compiled) and initialises
+  ZeRO.
+* checkpoint helpers (resumable DeepSpeed checkpoints; a consolidated safetensors model at the end).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed import comm as dist
+
+from rdcore import ConfigError
+from rdcore.config import TrainConfig
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise the process group (idempotent); returns ``(rank, world_size)``."""
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # Several CPU ranks on one machine: split the cores instead of oversubscribing them.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def ds_config_for(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """Load ``cfg.ds_config`` and fill in what the training config decides."""
+    with open(cfg.ds_config) as fh:
+        try:
+            ds = json.load(fh)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{cfg.ds_config}: malformed JSON ({err})") from None
+    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["train_batch_size"] = cfg.micro_batch_size * cfg.grad_accum * world_size
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = opt.setdefault("params", {})
+    params["lr"] = cfg.lr
+    params["weight_decay"] = cfg.weight_decay
+    if not torch.cuda.is_available():
+        params.setdefault("torch_adam", True)  # avoid compiling DeepSpeed's CPU Adam
+    ds["bf16"] = {"enabled": cfg.dtype == "bfloat16"}
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int,
+                 lr_lambda: Any) -> Any:
+    """``deepspeed.initialize`` with a LambdaLR schedule (stepped by DeepSpeed per optimizer step)."""
+    ds = ds_config_for(cfg, world_size)
+    params = [p for p in module.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, model_parameters=params, config=ds,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
+    return engine
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few floats over all ranks (for logging only: this is a host sync)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.cuda.is_available():
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any]) -> None:
+    """A resumable DeepSpeed checkpoint (model shards, optimizer, scheduler, client state)."""
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state=state)
+    if dist.get_rank() == 0:
+        (ckpt_dir / "world_size").write_text(f"{dist.get_world_size()}\n")
+
+
+def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
+    """Load the latest checkpoint in ``ckpt_dir``; ``None`` if there is none."""
+    if not (ckpt_dir / "latest").is_file():
+        return None
+    ws_file = ckpt_dir / "world_size"
+    if ws_file.is_file() and int(ws_file.read_text()) != dist.get_world_size():
+        raise ConfigError(
+            f"{ckpt_dir} was written by {int(ws_file.read_text())} ranks but this run has "
+            f"{dist.get_world_size()}: resume with the same number of ranks, or consolidate it with "
+            f"`python {ckpt_dir}/zero_to_fp32.py {ckpt_dir} <out>` and start a new run from that")
+    path, client_state = engine.load_checkpoint(str(ckpt_dir))
+    if path is None:
+        raise ConfigError(f"{ckpt_dir}: 'latest' names a checkpoint that could not be loaded")
+    return client_state
+
+
+def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+    """The full (unsharded) state dict on rank 0 (``None`` elsewhere). Call on every rank."""
+    if engine.zero_optimization_partition_weights():
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict() if dist.get_rank() == 0 else None
+
+
+def partition_stats(module: torch.nn.Module) -> dict[str, int]:
+    """Parameter elements held by this rank vs in the model (ZeRO-3 shards: local < total)."""
+    local = total = 0
+    for p in module.parameters():
+        if hasattr(p, "ds_numel"):
+            total += p.ds_numel
+            local += p.ds_tensor.numel()
+        else:
+            total += p.numel()
+            local += p.numel()
+    return {"local_param_elements": local, "total_param_elements": total}

