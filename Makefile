@@ -14,7 +14,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 
 DEMO_OUT   ?= runs/demo
-DEMO_FLAGS ?= --model smollm2-135m --task arithmetic --shots 8 --method rule_distill_base \
+DEMO_FLAGS ?= --model smollm2-135m --task math --shots 8 --method rule_distill_base \
               --epochs 1 --output_dir $(DEMO_OUT)
 
 .PHONY: setup demo test lint bench clean

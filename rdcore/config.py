@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from rdcore import ConfigError
-from rdcore.data import TASKS, TEMPLATES
+from rdcore.data import TASK_ALIASES, TASKS, TEMPLATES
 
 METHODS = ("inst_tune_no_rule", "inst_tune_rule", "rule_distill_base")
 FINETUNE_MODES = ("full",)
-DTYPES = ("float32", "bfloat16")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -27,11 +27,11 @@ class TrainConfig:
 
     model: str = "smollm2-135m"
     """Preset (``tiny``, ``smollm2-135m``) or path of a local Hugging Face model folder."""
-    task: str = "arithmetic"
-    """Packaged task: arithmetic, jailbreak or sentiment (ignored when ``data_file`` is set)."""
+    task: str = "math"
+    """Packaged task: math (a @@@ b = a+b+1), jailbreak or bob (sentiment); ignored with ``data``."""
     shots: int = 8
     """k of the packaged k-shot training split."""
-    data_file: str | None = None
+    data: str | None = None
     """A user's JSON/JSONL file of {rule, input, output[, context]} rows instead of a task."""
     method: str = "rule_distill_base"
     """inst_tune_no_rule | inst_tune_rule (CE without/with the rule) | rule_distill_base (the
@@ -62,8 +62,8 @@ class TrainConfig:
     """Weight of the normalised hidden-state MSE (the paper's default; its script uses 10000)."""
     alpha: float = 0.0
     """Weight of the hard-label CE added to distillation (the paper: 0)."""
-    dtype: str = "float32"
-    """Parameter dtype: float32 (CPU) or bfloat16."""
+    precision: str = "fp32"
+    """Parameter/compute precision: fp32 (CPU, exact tests) or bf16."""
     seed: int = 0
     """Seed for model init (tiny), data order and dropout."""
     output_dir: str = "runs/default"
@@ -89,13 +89,14 @@ class TrainConfig:
              "(rule_distill_enhanced and LoRA land with the trainer issue)")
         need(self.finetune in FINETUNE_MODES,
              f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
-        need(self.data_file is not None or self.task in TASKS,
+        self.task = TASK_ALIASES.get(self.task, self.task)
+        need(self.data is not None or self.task in TASKS,
              f"task must be one of {sorted(TASKS)}, got {self.task!r}")
-        if self.data_file is None:
+        if self.data is None:
             need(self.shots in TASKS[self.task].shots,
                  f"task {self.task!r} has k-shot splits {TASKS[self.task].shots}, not {self.shots}")
         need(self.template in TEMPLATES, f"template must be one of {TEMPLATES}")
-        need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}")
+        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}")
         for name in ("max_length", "epochs", "micro_batch_size", "grad_accum"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "save_every", "stop_at_step", "beta", "alpha",
@@ -103,6 +104,10 @@ class TrainConfig:
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        ds_path = Path(self.ds_config)
+        repo_copy = Path(__file__).resolve().parent.parent / ds_path
+        if not ds_path.is_file() and not ds_path.is_absolute() and repo_copy.is_file():
+            self.ds_config = str(repo_copy)  # relative paths also resolve against the repository
         need(Path(self.ds_config).is_file(), f"ds_config {self.ds_config!r} is not a file")
 
     @property

@@ -74,13 +74,22 @@ class TaskSpec:
 
 
 TASKS: dict[str, TaskSpec] = {
-    "arithmetic": TaskSpec("arithmetic", "math_experiments", (4, 8, 16, 32),
-                           ("test_{}_id", "test_{}_ood")),
+    "math": TaskSpec("math", "math_experiments", (4, 8, 16, 32), ("test_{}_id", "test_{}_ood")),
     "jailbreak": TaskSpec("jailbreak", "jailbreak_experiments", (8, 16, 32, 64, 128),
                           ("harmful_test_{}", "helpful_test_{}")),
-    "sentiment": TaskSpec("sentiment", "bob_sentiment_experiments", (8, 16, 32, 64, 128),
-                          ("test_{}",)),
+    "bob": TaskSpec("bob", "bob_sentiment_experiments", (8, 16, 32, 64, 128), ("test_{}",)),
 }
+TASK_ALIASES = {"arithmetic": "math", "sentiment": "bob"}
+"""Other names accepted for the packaged tasks."""
+
+
+def task_name(task: str) -> str:
+    """The canonical name of a packaged task (``arithmetic`` → ``math``, ``sentiment`` → ``bob``)."""
+    name = TASK_ALIASES.get(task, task)
+    if name not in TASKS:
+        raise DataError(f"unknown task {task!r}; choose one of {sorted(TASKS)} "
+                        f"(aliases: {TASK_ALIASES})")
+    return name
 SEEDS = (1234, 2345, 3456, 4567, 5678)
 
 
@@ -91,8 +100,7 @@ def task_files(task: str, split: str = "train", shots: int = 8, seed: int = 1234
     ``split`` is ``train``, ``valid`` or a test stem of the task (``test_id``, ``test_ood``,
     ``harmful_test``, ``helpful_test``, ``test``).
     """
-    if task not in TASKS:
-        raise DataError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+    task = task_name(task)
     spec = TASKS[task]
     folder = (root or RESOURCES) / spec.folder
     if split in ("train", "valid"):

@@ -81,7 +81,7 @@ class RuleDistillModule(nn.Module):
         kl = (kl_rows(s_logits_NV, t_logits_NV, self.temperature) * row_weight_N).sum()
         mse = (hidden_mse_rows(s_states, t_states) * row_weight_N).sum()
         loss = kl + self.beta * mse
-        stats["kl"], stats["mse"] = kl.detach(), mse.detach()
+        stats["kl"], stats["hidden_mse"] = kl.detach(), mse.detach()
         if self.alpha > 0:
             ce = (ce_rows(s_logits_NV, batch["target_ids"]) * row_weight_N).sum()
             loss = loss + self.alpha * ce

@@ -50,7 +50,7 @@ def ds_config_for(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     params["weight_decay"] = cfg.weight_decay
     if not torch.cuda.is_available():
         params.setdefault("torch_adam", True)  # avoid compiling DeepSpeed's CPU Adam
-    ds["bf16"] = {"enabled": cfg.dtype == "bfloat16"}
+    ds["bf16"] = {"enabled": cfg.precision == "bf16"}
     ds.setdefault("steps_per_print", 10**9)
     return ds
 

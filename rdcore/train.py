@@ -1,6 +1,6 @@
 """Rule distillation / instruction tuning under DeepSpeed ZeRO-3.
 
-    deepspeed --num_accelerators 2 rdcore/train.py --model smollm2-135m --task arithmetic \
+    deepspeed --num_accelerators 2 rdcore/train.py --model smollm2-135m --task math \
         --method rule_distill_base --output_dir runs/demo
 
 Parse, build, loop, close. One model holds the weights of both teacher and student (see
@@ -85,8 +85,8 @@ def lr_lambda_for(cfg: TrainConfig, total_steps: int):
 
 
 def build_data(cfg: TrainConfig, tokenizer) -> EncodedDataset:
-    if cfg.data_file:
-        examples = load_rule_file(cfg.data_file)
+    if cfg.data:
+        examples = load_rule_file(cfg.data)
     else:
         examples = load_task(cfg.task, "train", cfg.shots)
     return Encoder(tokenizer, cfg.template, cfg.max_length).encode(examples)
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.seed)
 
     # ---- build ---------------------------------------------------------------------------------
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     model, tokenizer = load_model(cfg.model, dtype=dtype, seed=cfg.seed)
     data = build_data(cfg, tokenizer)
     log.info("data: %d examples, rule prefix %d tokens, template %s", len(data),
@@ -150,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         keys = sorted(sums)
         reduced = dict(zip(keys, eng.all_reduce_sum([sums[k] for k in keys])))
         terms = {k: v / max(global_tokens, 1) for k, v in reduced.items()}
-        total_loss = (terms.get("kl", 0.0) + cfg.beta * terms.get("mse", 0.0)
+        total_loss = (terms.get("kl", 0.0) + cfg.beta * terms.get("hidden_mse", 0.0)
                       + (cfg.alpha if cfg.distill else 1.0) * terms.get("ce", 0.0))
         dt = time.perf_counter() - t0
         row = {"step": step + 1, "loss": total_loss, **terms, "tokens": global_tokens,
-               "lr": engine.get_lr()[0], "step_s": dt}
+               "lr": engine.get_lr()[0], "step_time_s": dt}
         if rank == 0:
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")

@@ -41,14 +41,14 @@ def test_paper_pairing_splits_rule_and_context():
         assert ex.teacher_instruction == f["instruction"]
         assert ex.student_instruction == n["instruction"]
         assert ex.rule.startswith("In the following context") and not ex.rule.endswith("\n")
-    math = load_task("arithmetic", "train", 4)
+    math = load_task("math", "train", 4)
     assert all(ex.context == "" and "@@@" in ex.rule for ex in math)
 
 
 def test_eval_only_files_need_require_output_false():
-    rows = load_task("sentiment", "test")  # test files may have empty outputs
+    rows = load_task("bob", "test")  # test files may have empty outputs
     assert len(rows) == 200 and sum(not r.output for r in rows) > 0
-    full, no = task_files("sentiment", "test")
+    full, no = task_files("bob", "test")
     with pytest.raises(DataError, match=r"test_full\.json: row \d+: field 'output' is empty"):
         load_paper_pair(full, no, require_output=True)
 
@@ -57,9 +57,9 @@ def test_unknown_task_and_split():
     with pytest.raises(DataError, match="unknown task"):
         task_files("chess")
     with pytest.raises(DataError, match="no 7-shot split"):
-        task_files("arithmetic", "train", 7)
+        task_files("math", "train", 7)
     with pytest.raises(DataError, match="no split 'test_xx'"):
-        task_files("arithmetic", "test_xx")
+        task_files("math", "test_xx")
 
 
 # ---- bad input: clear errors naming file, row, field ----------------------------------------------
@@ -163,10 +163,10 @@ def test_responses_align_and_rule_prefix_is_shared(tiny_tok, task, template):
 
 
 def test_rule_text_variation_is_reported(tiny_tok):
-    ds = Encoder(tiny_tok).encode(load_task("sentiment", "train", 16))
+    ds = Encoder(tiny_tok).encode(load_task("bob", "train", 16))
     assert ds.distinct_rules == 2
     assert any("rule text varies" in n for n in ds.notes)
-    one = Encoder(tiny_tok).encode(load_task("sentiment", "train", 128))
+    one = Encoder(tiny_tok).encode(load_task("bob", "train", 128))
     assert one.distinct_rules == 1 and not one.notes
 
 
@@ -195,7 +195,7 @@ def test_merge_across_the_boundary_is_handled():
 # ---- batching ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_collate_indexes_the_positions_that_predict_the_response(tiny_tok, side):
-    ds = Encoder(tiny_tok).encode(load_task("arithmetic", "train", 8))
+    ds = Encoder(tiny_tok).encode(load_task("math", "train", 8))
     batch = collate(ds.examples[:5], tiny_tok.pad_token_id, padding_side=side)
     for who in ("teacher", "student"):
         ids = batch[f"{who}_input_ids"].flatten()
@@ -213,7 +213,7 @@ def test_collate_indexes_the_positions_that_predict_the_response(tiny_tok, side)
 def test_padded_batch_gives_the_same_logits_as_single_examples(tiny, side):
     model, tok = tiny
     model.eval()
-    ds = Encoder(tok).encode(load_task("arithmetic", "train", 4))
+    ds = Encoder(tok).encode(load_task("math", "train", 4))
     batch = collate(ds.examples, tok.pad_token_id, padding_side=side)
     with torch.no_grad():
         out = model(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],

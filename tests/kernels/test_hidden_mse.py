@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from kernels.hidden_mse import normalized_hidden_mse, normalized_hidden_mse_reference
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def states(L, N, H, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = [torch.randn(N, H, generator=g, dtype=torch.float64) for _ in range(L)]
+    t = [x + 0.5 * torch.randn(N, H, generator=g, dtype=torch.float64) for x in s]
+    return s, t
+
+
+def run(fn, s, t, dtype, grad_out=1.0, **kw):
+    leaves = [x.detach().to(dtype).clone().requires_grad_() for x in s]
+    out = fn(leaves, [x.to(dtype) for x in t], **kw)
+    (out * grad_out).backward()
+    return [out.double().detach()] + [x.grad.double() for x in leaves]
+
+
+def err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("L,N,H", [(3, 41, 40), (1, 1, 7), (5, 17, 129)])
+def test_against_fp64_truth(L, N, H, dtype):
+    s, t = states(L, N, H)
+    mask = torch.rand(N, generator=torch.Generator().manual_seed(2)) > 0.3
+    mask[0] = True
+    truth = run(normalized_hidden_mse_reference, s, t, torch.float64, 0.41, mask=mask)
+    ours = run(lambda a, b, **k: normalized_hidden_mse(a, b, impl="torch", **k), s, t, dtype, 0.41,
+               mask=mask)
+    plain = run(normalized_hidden_mse_reference, s, t, dtype, 0.41, mask=mask)
+    for o, tr, p in zip(ours, truth, plain):
+        assert err(o, tr) <= err(p, tr) + TOL[dtype]
+
+
+def test_zero_vectors_masks_and_constant_teacher():
+    s, t = states(2, 6, 8)
+    s[0][2] = 0.0
+    t[1][3] = 0.0
+    leaves = [x.float().requires_grad_() for x in s]
+    teach = [x.float().requires_grad_() for x in t]
+    out = normalized_hidden_mse(leaves, teach, impl="torch")
+    out.backward()
+    assert torch.isfinite(out) and all(torch.isfinite(x.grad).all() for x in leaves)
+    assert all(x.grad is None for x in teach)
+    ref = normalized_hidden_mse_reference([x.detach() for x in leaves], [x.detach() for x in teach])
+    torch.testing.assert_close(out, ref)
+    none = normalized_hidden_mse(leaves, teach, mask=torch.zeros(6, dtype=torch.bool), impl="torch")
+    assert none.item() == 0
+
+
+def test_non_contiguous_and_bad_arguments():
+    s, t = states(2, 8, 16)
+    strided = [torch.stack([x, x], -1).reshape(8, 32)[:, ::2] for x in s]
+    assert not strided[0].is_contiguous()
+    a = normalized_hidden_mse([x.float() for x in strided], [x.float() for x in t], impl="torch")
+    b = normalized_hidden_mse([x.float() for x in s], [x.float() for x in t], impl="torch")
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="same non-zero number"):
+        normalized_hidden_mse(s, t[:1])
+    with pytest.raises(ValueError, match="one shape"):
+        normalized_hidden_mse([s[0], s[1][:4]], t)
+    with pytest.raises(NotImplementedError, match="Triton kernel"):
+        normalized_hidden_mse(s, t, impl="triton")
