@@ -1,150 +1,231 @@
-"""Linear (lm_head) + KL divergence without the N×V logits: reference and chunked-PyTorch paths.
+"""Fused linear (lm_head) + KL divergence, forward and backward, without the N×V logits (Triton).
 
 Formula (per row n, temperature T, student weight W, teacher weight W̃)::
 
     s_n = x_n · Wᵀ / T          t_n = x̃_n · W̃ᵀ / T                        (logits, [V])
-    ℓ_n = T² · KL(softmax(t_n) ‖ softmax(s_n))
-        = T² · ( Σ_v p_nv (t_nv − s_nv) − lse(t_n) + lse(s_n) ),   p_n = softmax(t_n)
-    ∂ℓ_n/∂(x_n·W_vᵀ) = T · (softmax(s_n)_v − p_nv)  =: g_nv
-    ∂ℓ/∂x_n = Σ_v g_nv W_v        ∂ℓ/∂W_v = Σ_n g_nv x_n
+    ℓ_n = T² · KL(softmax(t_n) ‖ softmax(s_n)) = T² · Σ_v p_nv (log p_nv − log q_nv)
+          with p_n = softmax(t_n), q_n = softmax(s_n)
+    g_nv := ∂(w_n ℓ_n)/∂(x_n·W_vᵀ) = T · w_n · (q_nv − p_nv)      (w_n: row weight of the reduction)
+    ∂/∂x_n = Σ_v g_nv W_v          ∂/∂W_v = Σ_n g_nv x_n
 
 The teacher side (x̃, W̃) is a constant: no gradient flows to it, even when W̃ *is* W.
 
-Shape letters: N rows, H student hidden size, Ht teacher hidden size, V vocabulary, C rows per
-chunk, K vocabulary entries per upcast block.
+Shape letters: N rows, H student hidden size, Ht teacher hidden size, V vocabulary, C rows of a chunk.
 
-Dtype policy: inputs may be fp32, bf16 or fp16. Logits, softmax statistics and per-row losses are fp32
-(low-precision operands are upcast block by block before the product, so nothing is rounded to bf16);
-the weight gradient is accumulated in fp32 across chunks and cast to W's dtype once; dX is written in
-x's dtype.
+Algorithm (gradient in the forward pass, four GEMMs per chunk): rows are processed C at a time, C
+chosen from a memory budget (``CHUNK_BUDGET_BYTES``): only [C, V] buffers ever exist, never [N, V].
+For each chunk
 
-Chunked path (``impl="torch"``): rows are processed C at a time, C chosen from a memory budget
-(``CHUNK_BUDGET_BYTES``) so the live fp32 buffers are [C, V], never [N, V]. Gradients are computed in
-the forward pass (per chunk: teacher logits, student logits, dX, dW — four GEMMs) and backward only
-scales them by ``grad_output`` (skipped when it is exactly 1). The mask is applied as per-row weights
-(no host synchronisation, no data-dependent shapes). ``reduction="none"`` cannot fold ``grad_output``
-into a precomputed dW, so its backward recomputes the chunks with ``grad_output`` as row weights.
+1. ``_matmul_kernel``: t = x̃·W̃ᵀ/T and s = x·Wᵀ/T into fp32 [C, V] buffers, straight from the
+   fp32 dot accumulator (GEMMs 1 and 2);
+2. ``_kl_rows_kernel``: per row, online log-sum-exp over V for s and t, then ℓ_n and g written in
+   place of s (or into a [C, V] buffer of the input dtype for low-precision GEMMs);
+3. ``_matmul_kernel``: dx = g·W (GEMM 3) and dW += gᵀ·x into an fp32 accumulator (GEMM 4).
+
+Backward only scales the saved gradients by ``grad_output``. Masked rows get weight 0 (no host
+synchronisation, no data-dependent shapes). ``reduction="none"`` needs a per-row ``grad_output`` inside
+dW, so its backward re-runs the chunks with ``grad_output`` as row weights.
+
+Dtype policy: inputs fp32, bf16 or fp16 (student and teacher operands each of one dtype). Logits,
+softmax statistics and losses are fp32; g is rounded to the input dtype only as a GEMM operand
+(fp32 inputs keep fp32 and use IEEE fp32 dots, not TF32); dW is accumulated in fp32 across chunks and
+cast once; dx is written in x's dtype. Under ``TRITON_INTERPRET=1`` (CPU tests) loaded values are
+converted to fp32 before any arithmetic (the interpreter computes wrongly on bf16).
+
+The plain-PyTorch reference and the chunked-PyTorch path live in ``kernels/linear_kl_torch.py``.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
-import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-CHUNK_BUDGET_BYTES = 256 * 2**20
-"""Budget for the per-chunk fp32 buffers of the chunked path (about 4 buffers of [C, V])."""
-REDUCTIONS = ("mean", "sum", "none")
+from kernels.linear_kl_torch import REDUCTIONS, _row_weights, linear_kl_chunked
 
-
-# --------------------------------------------------------------------------------------------------
-# Reference: plain PyTorch, full logits (what the paper's code does, in the inputs' dtype)
-# --------------------------------------------------------------------------------------------------
-def linear_kl_reference(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
-                        weight: torch.Tensor, teacher_weight: torch.Tensor | None = None, *,
-                        mask: torch.Tensor | None = None, temperature: float = 1.0,
-                        reduction: str = "mean") -> torch.Tensor:
-    """Full [N, V] logits in the inputs' dtype, softmax and KL in fp32 (fp64 for fp64 inputs)."""
-    tw = weight if teacher_weight is None else teacher_weight
-    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-    s = (student_hidden @ weight.T).to(acc) / temperature
-    with torch.no_grad():
-        t = (teacher_hidden @ tw.T).to(acc) / temperature
-        log_p = F.log_softmax(t, -1)
-    rows = (log_p.exp() * (log_p - F.log_softmax(s, -1))).sum(-1) * temperature**2
-    return _reduce(rows, mask, reduction)
-
-
-def _reduce(rows_N: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    if mask is not None:
-        rows_N = torch.where(mask, rows_N, rows_N.new_zeros(()))
-    if reduction == "none":
-        return rows_N
-    if reduction == "sum":
-        return rows_N.sum()
-    count = rows_N.new_tensor(rows_N.shape[0]) if mask is None else mask.sum()
-    return rows_N.sum() / count.clamp_min(1)
+CHUNK_BUDGET_BYTES = 1 << 30
+"""Budget for the per-chunk [C, V] buffers of the Triton path (s, t and, for bf16/fp16, g)."""
 
 
 # --------------------------------------------------------------------------------------------------
-# Chunked PyTorch path
+# Kernels
 # --------------------------------------------------------------------------------------------------
-def _logits_fp32(x_CH: torch.Tensor, w_VH: torch.Tensor) -> torch.Tensor:
-    """x · Wᵀ in fp32 without rounding through a low-precision output."""
-    if w_VH.dtype in (torch.float32, torch.float64):
-        return (x_CH.to(w_VH.dtype) @ w_VH.T).float()
-    V, H = w_VH.shape
-    K = max(1, min(V, CHUNK_BUDGET_BYTES // (8 * max(H, 1))))
-    x32 = x_CH.float()
-    out_CV = x_CH.new_empty((x_CH.shape[0], V), dtype=torch.float32)
-    for v0 in range(0, V, K):
-        out_CV[:, v0:v0 + K] = x32 @ w_VH[v0:v0 + K].float().T
-    return out_CV
+@triton.jit
+def _matmul_kernel(
+    a_ptr, b_ptr, c_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    scale,
+    ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[M, N] (+)= scale · A[M, K] · B[K, N] with an fp32 accumulator; any strides."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n  # grouped launch order: neighbouring programs share B tiles
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    acc = acc * scale
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    c_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-def _grad_times_w(g_CV: torch.Tensor, w_VH: torch.Tensor) -> torch.Tensor:
-    """g · W in fp32 (W upcast block by block when it is low precision)."""
-    if w_VH.dtype in (torch.float32, torch.float64):
-        return g_CV.to(w_VH.dtype) @ w_VH
-    V, H = w_VH.shape
-    K = max(1, min(V, CHUNK_BUDGET_BYTES // (8 * max(H, 1))))
-    out = g_CV.new_zeros((g_CV.shape[0], H))
-    for v0 in range(0, V, K):
-        out += g_CV[:, v0:v0 + K] @ w_VH[v0:v0 + K].float()
-    return out
+@triton.jit
+def _kl_rows_kernel(
+    s_ptr, t_ptr, g_ptr, loss_ptr, w_ptr,
+    V, stride_s, stride_t, stride_g,
+    T,
+    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One row: ℓ = T²·Σ p (log p − log q) from fp32 logits s, t (already / T); g = T·w·(q − p)."""
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    offs = tl.arange(0, BLOCK_V)
+
+    m_s = tl.full((), float("-inf"), tl.float32)
+    m_t = tl.full((), float("-inf"), tl.float32)
+    l_s = tl.zeros((), tl.float32)
+    l_t = tl.zeros((), tl.float32)
+    for v0 in range(0, V, BLOCK_V):  # pass 1: online log-sum-exp of s and t
+        valid = v0 + offs < V
+        s = tl.load(s_row + v0 + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        t = tl.load(t_row + v0 + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        new_s = tl.maximum(m_s, tl.max(s, 0))
+        new_t = tl.maximum(m_t, tl.max(t, 0))
+        l_s = l_s * tl.exp(m_s - new_s) + tl.sum(tl.exp(s - new_s), 0)
+        l_t = l_t * tl.exp(m_t - new_t) + tl.sum(tl.exp(t - new_t), 0)
+        m_s = new_s
+        m_t = new_t
+    log_l_s = tl.log(l_s)  # log q = (s − m_s) − log l_s: subtracting the max first keeps
+    log_l_t = tl.log(l_t)  # the fp32 rounding relative to the logit spread, not to |max|
+
+    w = tl.load(w_ptr + row).to(tl.float32)
+    acc = tl.zeros((BLOCK_V,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):  # pass 2: loss terms and gradient
+        valid = v0 + offs < V
+        s = tl.load(s_row + v0 + offs, mask=valid, other=0.0).to(tl.float32)
+        t = tl.load(t_row + v0 + offs, mask=valid, other=0.0).to(tl.float32)
+        log_p = (t - m_t) - log_l_t
+        log_q = (s - m_s) - log_l_s
+        p = tl.exp(log_p)
+        acc += tl.where(valid, p * (log_p - log_q), 0.0)
+        if WRITE_GRAD:
+            g = T * w * (tl.exp(log_q) - p)
+            tl.store(g_ptr + row * stride_g + v0 + offs, g.to(g_ptr.dtype.element_ty), mask=valid)
+    tl.store(loss_ptr + row, tl.sum(acc, 0) * T * T)
 
 
-def chunk_rows(N: int, V: int) -> int:
-    """Rows per chunk so that ~4 fp32 [C, V] buffers fit ``CHUNK_BUDGET_BYTES``."""
-    return max(1, min(N, CHUNK_BUDGET_BYTES // (16 * max(V, 1))))
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _chunked_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w_N, T: float, want_grad: bool):
-    """Per-row losses [N] (fp32) and, if ``want_grad``, dX [N, H] and fp32 dW [V, H] of Σ w_n ℓ_n."""
+def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, scale: float = 1.0,
+            accumulate: bool = False) -> None:
+    """c (+)= scale · a @ b for 2-D views of any strides (a [M, K], b [K, N], c [M, N])."""
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return
+    interp = _interpreting()
+    ieee = a.dtype == torch.float32
+    if interp:
+        bm, bn, bk, warps, stages = 64, 64, 32, 4, 1
+    elif ieee:
+        bm, bn, bk, warps, stages = 64, 64, 32, 4, 3
+    else:
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _matmul_kernel[grid](
+        a, b, c, M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        scale,
+        ACCUMULATE=accumulate, UPCAST=interp, IEEE=ieee,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+
+
+def chunk_rows(N: int, V: int, dtype: torch.dtype) -> int:
+    """Rows per chunk so that the [C, V] buffers (s, t, and g unless fp32) fit the budget."""
+    per_row = V * (8 + (0 if dtype == torch.float32 else torch.finfo(dtype).bits // 8))
+    return max(1, min(N, CHUNK_BUDGET_BYTES // max(per_row, 1)))
+
+
+def _triton_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w_N, T: float, want_grad: bool):
+    """Per-row losses [N] (fp32) and, if ``want_grad``, dx [N, H] and fp32 dW [V, H] of Σ w_n ℓ_n."""
     N, H = x_NH.shape
     V = w_VH.shape[0]
-    C = chunk_rows(N, V)
-    loss_N = x_NH.new_zeros(N, dtype=torch.float32)
-    dx_NH = torch.zeros_like(x_NH) if want_grad else None
-    dw_VH = w_VH.new_zeros((V, H), dtype=torch.float32) if want_grad else None
+    C = chunk_rows(N, V, x_NH.dtype)
+    dev = x_NH.device
+    loss_N = torch.empty(N, device=dev, dtype=torch.float32)
+    s_CV = torch.empty((C, V), device=dev, dtype=torch.float32)
+    t_CV = torch.empty((C, V), device=dev, dtype=torch.float32)
+    g_CV = s_CV if x_NH.dtype == torch.float32 else torch.empty((C, V), device=dev, dtype=x_NH.dtype)
+    dx_NH = torch.empty_like(x_NH) if want_grad else None
+    dw_VH = torch.zeros((V, H), device=dev, dtype=torch.float32) if want_grad else None
+    block_v = min(4096 if not _interpreting() else 1024, triton.next_power_of_2(V))
     for c0 in range(0, N, C):
-        c1 = min(N, c0 + C)
-        x_CH = x_NH[c0:c1]
-        with torch.no_grad():
-            log_p_CV = F.log_softmax(_logits_fp32(xt_NHt[c0:c1], wt_VHt).div_(T), -1)
-            log_q_CV = F.log_softmax(_logits_fp32(x_CH, w_VH).div_(T), -1)
-            p_CV = log_p_CV.exp()
-            # Σ p (log p − log q): no cancellation between the two log-sum-exps
-            loss_N[c0:c1] = (p_CV * (log_p_CV - log_q_CV)).sum(-1) * T**2
-            if want_grad:
-                # g = T (softmax(s) − p), weighted per row; reuse s's buffer.
-                g_CV = log_q_CV.exp_().sub_(p_CV).mul_(T * row_w_N[c0:c1, None])
-                dx_NH[c0:c1] = _grad_times_w(g_CV, w_VH).to(x_NH.dtype)
-                dw_VH += g_CV.T @ x_CH.float()
+        rows = min(C, N - c0)
+        x_CH = x_NH[c0:c0 + rows]
+        _matmul(xt_NHt[c0:c0 + rows], wt_VHt.T, t_CV[:rows], scale=1.0 / T)
+        _matmul(x_CH, w_VH.T, s_CV[:rows], scale=1.0 / T)
+        _kl_rows_kernel[(rows,)](
+            s_CV, t_CV, g_CV, loss_N[c0:], row_w_N[c0:],
+            V, s_CV.stride(0), t_CV.stride(0), g_CV.stride(0),
+            T,
+            WRITE_GRAD=want_grad, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
+        if want_grad:
+            g = g_CV[:rows] if g_CV.dtype == w_VH.dtype else g_CV[:rows].to(w_VH.dtype)
+            _matmul(g, w_VH, dx_NH[c0:c0 + rows])
+            _matmul(g.T, x_CH, dw_VH, accumulate=True)
     return loss_N, dx_NH, dw_VH
 
 
-def _row_weights(mask: torch.Tensor | None, N: int, reduction: str, device) -> torch.Tensor:
-    w = torch.ones(N, device=device) if mask is None else mask.float()
-    if reduction == "mean":
-        w = w / w.sum().clamp_min(1)
-    return w
-
-
-class _LinearKLTorch(torch.autograd.Function):
+# --------------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------------
+class _LinearKLTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_NH, xt_NHt, w_VH, wt_VHt, mask, T: float, reduction: str):
         need = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         N = x_NH.shape[0]
+        ctx.reduction = reduction
         if reduction == "none":
             row_w = _row_weights(mask, N, "sum", x_NH.device)
-            loss_N, _, _ = _chunked_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w, T, want_grad=False)
+            loss_N, _, _ = _triton_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w, T, want_grad=False)
             ctx.save_for_backward(x_NH, xt_NHt, w_VH, wt_VHt, row_w)
             ctx.T = T
-            ctx.reduction = reduction
             return loss_N * row_w
         row_w = _row_weights(mask, N, reduction, x_NH.device)
-        loss_N, dx, dw = _chunked_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w, T, want_grad=need)
-        ctx.reduction = reduction
+        loss_N, dx, dw = _triton_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w, T, want_grad=need)
         if need:
             ctx.save_for_backward(dx, dw.to(w_VH.dtype))
         return (loss_N * row_w).sum()
@@ -153,12 +234,12 @@ class _LinearKLTorch(torch.autograd.Function):
     def backward(ctx, grad_out):
         if ctx.reduction == "none":
             x_NH, xt_NHt, w_VH, wt_VHt, row_w = ctx.saved_tensors
-            _, dx, dw = _chunked_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w * grad_out.float(), ctx.T,
-                                      want_grad=True)
+            _, dx, dw = _triton_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w * grad_out.float(), ctx.T,
+                                     want_grad=True)
             return dx, None, dw.to(w_VH.dtype), None, None, None, None
         dx, dw = ctx.saved_tensors
-        # Skip the scale when grad_output is exactly 1 (checked on CPU only: on an accelerator the
-        # comparison would be a host sync, and the scale costs less than that).
+        # Skip the scale when grad_output is exactly 1 — checked on CPU only: on an accelerator the
+        # comparison would be a host sync, which costs more than the scale.
         if not (grad_out.device.type == "cpu" and bool(grad_out == 1)):
             dx, dw = dx * grad_out.to(dx.dtype), dw * grad_out.to(dw.dtype)
         return dx, None, dw, None, None, None, None
@@ -182,8 +263,14 @@ def _check(x, xt, w, wt, mask, temperature, reduction, impl) -> None:
     if w.shape[1] != x.shape[1] or wt.shape[1] != xt.shape[1] or w.shape[0] != wt.shape[0]:
         raise ValueError(f"shape mismatch: student_hidden {tuple(x.shape)}, weight {tuple(w.shape)}, "
                          f"teacher_hidden {tuple(xt.shape)}, teacher_weight {tuple(wt.shape)}")
+    if x.dtype != w.dtype or xt.dtype != wt.dtype:
+        raise ValueError(f"dtype mismatch: student_hidden {x.dtype} vs weight {w.dtype}, "
+                         f"teacher_hidden {xt.dtype} vs teacher_weight {wt.dtype}")
     if mask is not None and (mask.dtype != torch.bool or mask.shape != (x.shape[0],)):
         raise ValueError(f"mask must be a bool tensor of shape [{x.shape[0]}]")
+    devices = {t.device for t in (x, xt, w, wt) + (() if mask is None else (mask,))}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
 def fused_linear_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -196,13 +283,15 @@ def fused_linear_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
     ``teacher_weight`` [V, Ht] or ``None`` (the same weight). ``mask`` [N] bool selects rows;
     ``reduction``: "mean" over selected rows (0 when none), "sum", or "none" ([N], zeros on
     unselected rows). Gradients reach ``student_hidden`` and ``weight`` only.
-    ``impl``: "torch" (chunked PyTorch, any device) or "auto". The Triton kernel is not part of this
-    build yet: "triton" raises.
+    ``impl``: "triton" (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), "torch" (chunked
+    PyTorch, any device) or "auto" (Triton on CUDA, torch elsewhere).
     """
     wt = weight if teacher_weight is None else teacher_weight
     _check(student_hidden, teacher_hidden, weight, wt, mask, temperature, reduction, impl)
-    if impl == "triton":
-        raise NotImplementedError("the Triton kernel of fused_linear_kl is not in this build; "
-                                  "use impl='torch' (or 'auto')")
-    return _LinearKLTorch.apply(student_hidden, teacher_hidden.detach(), weight, wt.detach(), mask,
-                                float(temperature), reduction)
+    use_triton = impl == "triton" or (impl == "auto" and student_hidden.is_cuda)
+    if use_triton and not student_hidden.is_cuda and not _interpreting():
+        raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                         "importing triton, for CPU tests); use impl='torch' on CPU")
+    fn = _LinearKLTriton.apply if use_triton else linear_kl_chunked
+    return fn(student_hidden, teacher_hidden.detach(), weight, wt.detach(), mask,
+              float(temperature), reduction)

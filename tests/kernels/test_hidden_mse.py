@@ -1,7 +1,10 @@
 import pytest
 import torch
 
-from kernels.hidden_mse import normalized_hidden_mse, normalized_hidden_mse_reference
+from kernels.hidden_mse import normalized_hidden_mse
+from kernels.hidden_mse_torch import normalized_hidden_mse_reference
+
+IMPLS = ["torch", "triton"]
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
@@ -26,44 +29,47 @@ def err(a, b):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("L,N,H", [(3, 41, 40), (1, 1, 7), (5, 17, 129)])
-def test_against_fp64_truth(L, N, H, dtype):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_against_fp64_truth(L, N, H, dtype, impl):
     s, t = states(L, N, H)
     mask = torch.rand(N, generator=torch.Generator().manual_seed(2)) > 0.3
     mask[0] = True
     truth = run(normalized_hidden_mse_reference, s, t, torch.float64, 0.41, mask=mask)
-    ours = run(lambda a, b, **k: normalized_hidden_mse(a, b, impl="torch", **k), s, t, dtype, 0.41,
+    ours = run(lambda a, b, **k: normalized_hidden_mse(a, b, impl=impl, **k), s, t, dtype, 0.41,
                mask=mask)
     plain = run(normalized_hidden_mse_reference, s, t, dtype, 0.41, mask=mask)
     for o, tr, p in zip(ours, truth, plain):
         assert err(o, tr) <= err(p, tr) + TOL[dtype]
 
 
-def test_zero_vectors_masks_and_constant_teacher():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_vectors_masks_and_constant_teacher(impl):
     s, t = states(2, 6, 8)
     s[0][2] = 0.0
     t[1][3] = 0.0
     leaves = [x.float().requires_grad_() for x in s]
     teach = [x.float().requires_grad_() for x in t]
-    out = normalized_hidden_mse(leaves, teach, impl="torch")
+    out = normalized_hidden_mse(leaves, teach, impl=impl)
     out.backward()
     assert torch.isfinite(out) and all(torch.isfinite(x.grad).all() for x in leaves)
     assert all(x.grad is None for x in teach)
     ref = normalized_hidden_mse_reference([x.detach() for x in leaves], [x.detach() for x in teach])
     torch.testing.assert_close(out, ref)
-    none = normalized_hidden_mse(leaves, teach, mask=torch.zeros(6, dtype=torch.bool), impl="torch")
+    none = normalized_hidden_mse(leaves, teach, mask=torch.zeros(6, dtype=torch.bool), impl=impl)
     assert none.item() == 0
 
 
-def test_non_contiguous_and_bad_arguments():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_and_bad_arguments(impl):
     s, t = states(2, 8, 16)
     strided = [torch.stack([x, x], -1).reshape(8, 32)[:, ::2] for x in s]
     assert not strided[0].is_contiguous()
-    a = normalized_hidden_mse([x.float() for x in strided], [x.float() for x in t], impl="torch")
-    b = normalized_hidden_mse([x.float() for x in s], [x.float() for x in t], impl="torch")
+    a = normalized_hidden_mse([x.float() for x in strided], [x.float() for x in t], impl=impl)
+    b = normalized_hidden_mse([x.float() for x in s], [x.float() for x in t], impl=impl)
     torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="same non-zero number"):
         normalized_hidden_mse(s, t[:1])
     with pytest.raises(ValueError, match="one shape"):
         normalized_hidden_mse([s[0], s[1][:4]], t)
-    with pytest.raises(NotImplementedError, match="Triton kernel"):
-        normalized_hidden_mse(s, t, impl="triton")
+    with pytest.raises(ValueError, match="impl must be"):
+        normalized_hidden_mse(s, t, impl="cuda")

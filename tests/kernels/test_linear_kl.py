@@ -4,8 +4,17 @@ op's error may be no worse than plain PyTorch's at the same dtype plus a small t
 import pytest
 import torch
 
-from kernels import linear_kl
-from kernels.linear_kl import fused_linear_kl, linear_kl_reference
+from kernels import linear_kl, linear_kl_torch
+from kernels.linear_kl import fused_linear_kl
+from kernels.linear_kl_torch import linear_kl_reference
+
+IMPLS = ["torch", "triton"]
+
+
+def budget_rows(monkeypatch, V, rows):
+    """Force chunks of ``rows`` rows in both paths."""
+    monkeypatch.setattr(linear_kl_torch, "CHUNK_BUDGET_BYTES", 16 * V * rows)
+    monkeypatch.setattr(linear_kl, "CHUNK_BUDGET_BYTES", 10 * V * rows)
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -47,7 +56,8 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(str(v) for v in c.values()))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_against_fp64_truth(case, dtype, reduction, monkeypatch):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_against_fp64_truth(case, dtype, reduction, impl, monkeypatch):
     case = dict(case)
     scale = case.pop("scale", 1.0)
     separate = case.pop("separate", False)
@@ -59,9 +69,9 @@ def test_against_fp64_truth(case, dtype, reduction, monkeypatch):
     mask = torch.rand(N, generator=g) > 0.3
     grad_out = torch.rand(N, dtype=torch.float64) if reduction == "none" else torch.tensor(0.37)
     kw = dict(mask=mask, temperature=1.7, reduction=reduction)
-    monkeypatch.setattr(linear_kl, "CHUNK_BUDGET_BYTES", 16 * case["V"] * 7)  # 7-row chunks
+    budget_rows(monkeypatch, case["V"], 7)  # several chunks, the last one partial
     truth = run(linear_kl_reference, x, xt, w, wt, torch.float64, grad_out, **kw)
-    ours = run(lambda *a, **k: fused_linear_kl(*a, impl="torch", **k), x, xt, w, wt, dtype,
+    ours = run(lambda *a, **k: fused_linear_kl(*a, impl=impl, **k), x, xt, w, wt, dtype,
                grad_out, **kw)
     torch_same = run(linear_kl_reference, x, xt, w, wt, dtype, grad_out, **kw)
     for name, o, t, p in zip(("value", "dx", "dw"), ours, truth, torch_same):
@@ -71,19 +81,21 @@ def test_against_fp64_truth(case, dtype, reduction, monkeypatch):
         assert (ours[0][~mask] == 0).all()
 
 
-def test_all_rows_masked_gives_zero_not_nan():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_rows_masked_gives_zero_not_nan(impl):
     x, xt, w, _ = make(9, 8, 100)
     xs = x.float().requires_grad_()
     ws = w.float().requires_grad_()
-    out = fused_linear_kl(xs, xt.float(), ws, mask=torch.zeros(9, dtype=torch.bool), impl="torch")
+    out = fused_linear_kl(xs, xt.float(), ws, mask=torch.zeros(9, dtype=torch.bool), impl=impl)
     out.backward()
     assert out.item() == 0 and (xs.grad == 0).all() and (ws.grad == 0).all()
 
 
 def test_real_vocabulary_and_chunking(monkeypatch):
     x, xt, w, _ = make(12, 16, 50257)
-    monkeypatch.setattr(linear_kl, "CHUNK_BUDGET_BYTES", 16 * 50257 * 5)
-    assert linear_kl.chunk_rows(12, 50257) == 5
+    budget_rows(monkeypatch, 50257, 5)
+    assert linear_kl_torch.chunk_rows(12, 50257) == 5
+    assert linear_kl.chunk_rows(12, 50257, torch.bfloat16) == 5
     truth = run(linear_kl_reference, x, xt, w, None, torch.float64)
     ours = run(lambda *a, **k: fused_linear_kl(*a, impl="torch", **k), x, xt, w, None,
                torch.float32)
@@ -91,33 +103,36 @@ def test_real_vocabulary_and_chunking(monkeypatch):
         assert err(o, t) < 1e-5
 
 
-def test_teacher_side_is_a_constant():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_teacher_side_is_a_constant(impl):
     x, xt, w, _ = make(10, 8, 64)
     xs = x.float().requires_grad_()
     xts = xt.float().requires_grad_()
     ws = w.float().requires_grad_()
-    fused_linear_kl(xs, xts, ws, impl="torch").backward()  # teacher_weight None: same tensor
+    fused_linear_kl(xs, xts, ws, impl=impl).backward()  # teacher_weight None: same tensor
     assert xts.grad is None and xs.grad is not None
     # the gradient through W is the student part only: compare with a detached teacher copy
     ws2 = w.float().requires_grad_()
-    fused_linear_kl(x.float(), xt.float(), ws2, w.float().clone(), impl="torch").backward()
+    fused_linear_kl(x.float(), xt.float(), ws2, w.float().clone(), impl=impl).backward()
     torch.testing.assert_close(ws.grad, ws2.grad)
 
 
-def test_non_contiguous_inputs():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_inputs(impl):
     x, xt, w, _ = make(16, 24, 200)
     xw = torch.stack([x, torch.zeros_like(x)], -1).reshape(16, 48)[:, ::2]  # strided view of x
     assert not xw.is_contiguous()
     wT = w.T.contiguous().T  # column-major weight
-    a = run(lambda *a, **k: fused_linear_kl(*a, impl="torch"), xw, xt, wT, None, torch.float32)
-    b = run(lambda *a, **k: fused_linear_kl(*a, impl="torch"), x, xt, w, None, torch.float32)
+    a = run(lambda *a, **k: fused_linear_kl(*a, impl=impl), xw, xt, wT, None, torch.float32)
+    b = run(lambda *a, **k: fused_linear_kl(*a, impl=impl), x, xt, w, None, torch.float32)
     for u, v in zip(a, b):
         torch.testing.assert_close(u, v)
 
 
-def test_identical_teacher_and_student_give_zero():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_identical_teacher_and_student_give_zero(impl):
     x, _, w, _ = make(7, 8, 50)
-    out = fused_linear_kl(x.float(), x.float(), w.float(), impl="torch")
+    out = fused_linear_kl(x.float(), x.float(), w.float(), impl=impl)
     assert abs(out.item()) < 1e-6
 
 
@@ -132,5 +147,5 @@ def test_bad_arguments():
         fused_linear_kl(x, xt, w, mask=torch.ones(4))
     with pytest.raises(ValueError, match="temperature"):
         fused_linear_kl(x, xt, w, temperature=0)
-    with pytest.raises(NotImplementedError, match="Triton kernel"):
-        fused_linear_kl(x, xt, w, impl="triton")
+    with pytest.raises(ValueError, match="dtype mismatch"):
+        fused_linear_kl(x, xt, w.double())
