@@ -33,8 +33,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK_BUDGET_BYTES = 256 * 2**20
-"""Budget for the per-chunk fp32 buffers of the chunked path (about 4 buffers of [C, V])."""
+CHUNK_BUDGET_BYTES = 128 * 2**20
+"""Budget for the per-chunk fp32 buffers of the chunked path (at most 4 live buffers of [C, V]:
+a logits buffer, the two log-softmaxes, the KL terms)."""
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -96,7 +97,7 @@ def _grad_times_w(g_CV: torch.Tensor, w_VH: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_rows(N: int, V: int) -> int:
-    """Rows per chunk so that ~4 fp32 [C, V] buffers fit ``CHUNK_BUDGET_BYTES``."""
+    """Rows per chunk so that 4 fp32 [C, V] buffers fit ``CHUNK_BUDGET_BYTES``."""
     return max(1, min(N, CHUNK_BUDGET_BYTES // (16 * max(V, 1))))
 
 
@@ -114,12 +115,13 @@ def _chunked_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w_N, T: float, want_grad: bool
         with torch.no_grad():
             log_p_CV = F.log_softmax(_logits_fp32(xt_NHt[c0:c1], wt_VHt).div_(T), -1)
             log_q_CV = F.log_softmax(_logits_fp32(x_CH, w_VH).div_(T), -1)
-            p_CV = log_p_CV.exp()
-            # Σ p (log p − log q): no cancellation between the two log-sum-exps
-            loss_N[c0:c1] = (p_CV * (log_p_CV - log_q_CV)).sum(-1) * T**2
+            # Σ p (log p − log q) in one fused pass (no cancellation between log-sum-exps)
+            kl_CV = F.kl_div(log_q_CV, log_p_CV, reduction="none", log_target=True)
+            loss_N[c0:c1] = kl_CV.sum(-1) * T**2
+            del kl_CV
             if want_grad:
-                # g = T (softmax(s) − p), weighted per row; reuse s's buffer.
-                g_CV = log_q_CV.exp_().sub_(p_CV).mul_(T * row_w_N[c0:c1, None])
+                # g = T (softmax(s) − p), weighted per row, in the buffers of log q and log p.
+                g_CV = log_q_CV.exp_().sub_(log_p_CV.exp_()).mul_(T * row_w_N[c0:c1, None])
                 dx_NH[c0:c1] = _grad_times_w(g_CV, w_VH).to(x_NH.dtype)
                 dw_VH += g_CV.T @ x_CH.float()
     return loss_N, dx_NH, dw_VH
