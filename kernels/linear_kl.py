@@ -43,7 +43,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.linear_kl_torch import REDUCTIONS, _row_weights, linear_kl_chunked
+from kernels.linear_kl_torch import (
+    REDUCTIONS,
+    linear_kl_backward,
+    linear_kl_chunked,
+    linear_kl_forward,
+)
 
 CHUNK_BUDGET_BYTES = 1 << 30
 """Budget for the per-chunk [C, V] buffers of the Triton path (s, t and, for bf16/fp16, g)."""
@@ -179,8 +184,9 @@ def chunk_rows(N: int, V: int, dtype: torch.dtype) -> int:
     return max(1, min(N, CHUNK_BUDGET_BYTES // max(per_row, 1)))
 
 
-def _triton_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w_N, T: float, want_grad: bool):
-    """Per-row losses [N] (fp32) and, if ``want_grad``, dx [N, H] and fp32 dW [V, H] of Σ w_n ℓ_n."""
+def _triton_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w_N, T: float, want_dx: bool, want_dw: bool):
+    """Per-row losses [N] (fp32) and, as asked, dx [N, H] and fp32 dW [V, H] of Σ w_n ℓ_n."""
+    want_grad = want_dx or want_dw
     N, H = x_NH.shape
     V = w_VH.shape[0]
     C = chunk_rows(N, V, x_NH.dtype)
@@ -189,8 +195,8 @@ def _triton_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w_N, T: float, want_grad: bool)
     s_CV = torch.empty((C, V), device=dev, dtype=torch.float32)
     t_CV = torch.empty((C, V), device=dev, dtype=torch.float32)
     g_CV = s_CV if x_NH.dtype == torch.float32 else torch.empty((C, V), device=dev, dtype=x_NH.dtype)
-    dx_NH = torch.empty_like(x_NH) if want_grad else None
-    dw_VH = torch.zeros((V, H), device=dev, dtype=torch.float32) if want_grad else None
+    dx_NH = torch.empty_like(x_NH) if want_dx else None
+    dw_VH = torch.zeros((V, H), device=dev, dtype=torch.float32) if want_dw else None
     block_v = min(4096 if not _interpreting() else 1024, triton.next_power_of_2(V))
     for c0 in range(0, N, C):
         rows = min(C, N - c0)
@@ -204,8 +210,10 @@ def _triton_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w_N, T: float, want_grad: bool)
             WRITE_GRAD=want_grad, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
         if want_grad:
             g = g_CV[:rows] if g_CV.dtype == w_VH.dtype else g_CV[:rows].to(w_VH.dtype)
-            _matmul(g, w_VH, dx_NH[c0:c0 + rows])
-            _matmul(g.T, x_CH, dw_VH, accumulate=True)
+            if want_dx:
+                _matmul(g, w_VH, dx_NH[c0:c0 + rows])
+            if want_dw:
+                _matmul(g.T, x_CH, dw_VH, accumulate=True)
     return loss_N, dx_NH, dw_VH
 
 
@@ -215,34 +223,11 @@ def _triton_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w_N, T: float, want_grad: bool)
 class _LinearKLTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_NH, xt_NHt, w_VH, wt_VHt, mask, T: float, reduction: str):
-        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
-        N = x_NH.shape[0]
-        ctx.reduction = reduction
-        if reduction == "none":
-            row_w = _row_weights(mask, N, "sum", x_NH.device)
-            loss_N, _, _ = _triton_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w, T, want_grad=False)
-            ctx.save_for_backward(x_NH, xt_NHt, w_VH, wt_VHt, row_w)
-            ctx.T = T
-            return loss_N * row_w
-        row_w = _row_weights(mask, N, reduction, x_NH.device)
-        loss_N, dx, dw = _triton_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w, T, want_grad=need)
-        if need:
-            ctx.save_for_backward(dx, dw.to(w_VH.dtype))
-        return (loss_N * row_w).sum()
+        return linear_kl_forward(ctx, _triton_pass, x_NH, xt_NHt, w_VH, wt_VHt, mask, T, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.reduction == "none":
-            x_NH, xt_NHt, w_VH, wt_VHt, row_w = ctx.saved_tensors
-            _, dx, dw = _triton_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w * grad_out.float(), ctx.T,
-                                     want_grad=True)
-            return dx, None, dw.to(w_VH.dtype), None, None, None, None
-        dx, dw = ctx.saved_tensors
-        # Skip the scale when grad_output is exactly 1 — checked on CPU only: on an accelerator the
-        # comparison would be a host sync, which costs more than the scale.
-        if not (grad_out.device.type == "cpu" and bool(grad_out == 1)):
-            dx, dw = dx * grad_out.to(dx.dtype), dw * grad_out.to(dw.dtype)
-        return dx, None, dw, None, None, None, None
+        return linear_kl_backward(ctx, _triton_pass, grad_out)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -101,14 +101,15 @@ def chunk_rows(N: int, V: int) -> int:
     return max(1, min(N, CHUNK_BUDGET_BYTES // (16 * max(V, 1))))
 
 
-def _chunked_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w_N, T: float, want_grad: bool):
-    """Per-row losses [N] (fp32) and, if ``want_grad``, dX [N, H] and fp32 dW [V, H] of Σ w_n ℓ_n."""
+def _chunked_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w_N, T: float, want_dx: bool, want_dw: bool):
+    """Per-row losses [N] (fp32) and, as asked, dX [N, H] and fp32 dW [V, H] of Σ w_n ℓ_n."""
     N, H = x_NH.shape
     V = w_VH.shape[0]
     C = chunk_rows(N, V)
+    want_grad = want_dx or want_dw
     loss_N = x_NH.new_zeros(N, dtype=torch.float32)
-    dx_NH = torch.zeros_like(x_NH) if want_grad else None
-    dw_VH = w_VH.new_zeros((V, H), dtype=torch.float32) if want_grad else None
+    dx_NH = torch.zeros_like(x_NH) if want_dx else None
+    dw_VH = w_VH.new_zeros((V, H), dtype=torch.float32) if want_dw else None
     for c0 in range(0, N, C):
         c1 = min(N, c0 + C)
         x_CH = x_NH[c0:c1]
@@ -122,8 +123,10 @@ def _chunked_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w_N, T: float, want_grad: bool
             if want_grad:
                 # g = T (softmax(s) − p), weighted per row, in the buffers of log q and log p.
                 g_CV = log_q_CV.exp_().sub_(log_p_CV.exp_()).mul_(T * row_w_N[c0:c1, None])
-                dx_NH[c0:c1] = _grad_times_w(g_CV, w_VH).to(x_NH.dtype)
-                dw_VH += g_CV.T @ x_CH.float()
+                if want_dx:
+                    dx_NH[c0:c1] = _grad_times_w(g_CV, w_VH).to(x_NH.dtype)
+                if want_dw:
+                    dw_VH += g_CV.T @ x_CH.float()
     return loss_N, dx_NH, dw_VH
 
 
@@ -137,35 +140,47 @@ def _row_weights(mask: torch.Tensor | None, N: int, reduction: str, device) -> t
 class _LinearKLTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_NH, xt_NHt, w_VH, wt_VHt, mask, T: float, reduction: str):
-        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
-        N = x_NH.shape[0]
-        if reduction == "none":
-            row_w = _row_weights(mask, N, "sum", x_NH.device)
-            loss_N, _, _ = _chunked_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w, T, want_grad=False)
-            ctx.save_for_backward(x_NH, xt_NHt, w_VH, wt_VHt, row_w)
-            ctx.T = T
-            ctx.reduction = reduction
-            return loss_N * row_w
-        row_w = _row_weights(mask, N, reduction, x_NH.device)
-        loss_N, dx, dw = _chunked_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w, T, want_grad=need)
-        ctx.reduction = reduction
-        if need:
-            ctx.save_for_backward(dx, dw.to(w_VH.dtype))
-        return (loss_N * row_w).sum()
+        return linear_kl_forward(ctx, _chunked_pass, x_NH, xt_NHt, w_VH, wt_VHt, mask, T, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.reduction == "none":
-            x_NH, xt_NHt, w_VH, wt_VHt, row_w = ctx.saved_tensors
-            _, dx, dw = _chunked_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w * grad_out.float(), ctx.T,
-                                      want_grad=True)
-            return dx, None, dw.to(w_VH.dtype), None, None, None, None
-        dx, dw = ctx.saved_tensors
-        # Skip the scale when grad_output is exactly 1 (checked on CPU only: on an accelerator the
-        # comparison would be a host sync, and the scale costs less than that).
-        if not (grad_out.device.type == "cpu" and bool(grad_out == 1)):
-            dx, dw = dx * grad_out.to(dx.dtype), dw * grad_out.to(dw.dtype)
-        return dx, None, dw, None, None, None, None
+        return linear_kl_backward(ctx, _chunked_pass, grad_out)
+
+
+def linear_kl_forward(ctx, run_pass, x_NH, xt_NHt, w_VH, wt_VHt, mask, T: float, reduction: str):
+    """Shared ``forward`` of the autograd Functions (``run_pass``: the chunked torch or Triton pass).
+
+    "mean"/"sum": the gradients are computed here and saved. "none": only the losses; backward
+    re-runs the pass with ``grad_output`` as row weights (it cannot be folded into a saved dW)."""
+    want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    N = x_NH.shape[0]
+    ctx.reduction, ctx.T, ctx.wants = reduction, T, (want_dx, want_dw)
+    if reduction == "none":
+        row_w = _row_weights(mask, N, "sum", x_NH.device)
+        loss_N, _, _ = run_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w, T, False, False)
+        ctx.save_for_backward(x_NH, xt_NHt, w_VH, wt_VHt, row_w)
+        return loss_N * row_w
+    row_w = _row_weights(mask, N, reduction, x_NH.device)
+    loss_N, dx, dw = run_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w, T, want_dx, want_dw)
+    ctx.save_for_backward(dx, None if dw is None else dw.to(w_VH.dtype))
+    return (loss_N * row_w).sum()
+
+
+def linear_kl_backward(ctx, run_pass, grad_out):
+    """Shared ``backward``: a scale of the saved gradients, skipped when ``grad_output`` is exactly 1
+    (checked on CPU only: on an accelerator the comparison would be a host sync, which costs more
+    than the scale)."""
+    want_dx, want_dw = ctx.wants
+    if ctx.reduction == "none":
+        x_NH, xt_NHt, w_VH, wt_VHt, row_w = ctx.saved_tensors
+        _, dx, dw = run_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w * grad_out.float(), ctx.T,
+                             want_dx, want_dw)
+        return dx, None, None if dw is None else dw.to(w_VH.dtype), None, None, None, None
+    dx, dw = ctx.saved_tensors
+    if not (grad_out.device.type == "cpu" and bool(grad_out == 1)):
+        dx = None if dx is None else dx * grad_out.to(dx.dtype)
+        dw = None if dw is None else dw * grad_out.to(dw.dtype)
+    return dx, None, dw, None, None, None, None
 
 
 def linear_kl_chunked(x_NH: torch.Tensor, xt_NHt: torch.Tensor, w_VH: torch.Tensor,

@@ -149,3 +149,13 @@ def test_bad_arguments():
         fused_linear_kl(x, xt, w, temperature=0)
     with pytest.raises(ValueError, match="dtype mismatch"):
         fused_linear_kl(x, xt, w.double())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_frozen_weight_gets_no_gradient_and_dx_is_right(impl):
+    x, xt, w, _ = make(11, 8, 90)
+    xs = x.float().requires_grad_()
+    fused_linear_kl(xs, xt.float(), w.float(), temperature=2.0, impl=impl).backward()
+    xr = x.clone().requires_grad_()
+    linear_kl_reference(xr, xt, w, temperature=2.0).backward()
+    assert err(xs.grad.double(), xr.grad) < 1e-5
