@@ -26,6 +26,10 @@ setup(
         "transformers>=5.0,<6",
         "safetensors>=0.4",
         "tokenizers>=0.20",
+        "peft>=0.14",
+        "tensorboard>=2.14",
+        "tqdm>=4.60",
+        "pyyaml>=6",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "matplotlib>=3.8"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import typing
 from dataclasses import dataclass
@@ -16,8 +17,8 @@ from typing import Any
 from rdcore import ConfigError
 from rdcore.data import TASK_ALIASES, TASKS, TEMPLATES
 
-METHODS = ("inst_tune_no_rule", "inst_tune_rule", "rule_distill_base")
-FINETUNE_MODES = ("full",)
+METHODS = ("inst_tune_no_rule", "inst_tune_rule", "rule_distill_base", "rule_distill_enhanced")
+FINETUNE_MODES = ("lora", "full")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -33,11 +34,22 @@ class TrainConfig:
     """k of the packaged k-shot training split."""
     data: str | None = None
     """A user's JSON/JSONL file of {rule, input, output[, context]} rows instead of a task."""
-    method: str = "rule_distill_base"
-    """inst_tune_no_rule | inst_tune_rule (CE without/with the rule) | rule_distill_base (the
-    starting model with the rule in context is the teacher)."""
-    finetune: str = "full"
-    """full: every weight trains and the teacher is the live model (shared weights)."""
+    method: str = "rule_distill_enhanced"
+    """inst_tune_no_rule | inst_tune_rule (CE without/with the rule) | rule_distill_base (teacher:
+    the starting model with the rule in context) | rule_distill_enhanced (stage 1: inst_tune_rule on
+    the same examples trains the teacher adapter; stage 2: distillation from it, LoRA only)."""
+    finetune: str = "lora"
+    """lora: one frozen base, the student trains its adapter, the teacher is the base with a frozen
+    teacher adapter (Enhanced) or with adapters disabled (Base). full: every weight trains and the
+    teacher is the live model (self-distillation). Both share one copy of the weights."""
+    lora_r: int = 16
+    """LoRA rank (the paper: 16)."""
+    lora_alpha: int = 16
+    """LoRA alpha (the paper: 16)."""
+    lora_dropout: float = 0.05
+    """LoRA dropout (the paper: 0.05); adapters go on q, k, v, o projections."""
+    stage1_epochs: int = 0
+    """Epochs of Rule-Distill-Enhanced's stage 1 (0: the same as ``epochs``)."""
     template: str = "alpaca"
     """Prompt template: alpaca (the paper's) or chat (the tokenizer's chat template)."""
     max_length: int = 1024
@@ -75,8 +87,12 @@ class TrainConfig:
     stop_at_step: int = 0
     """Save a checkpoint and exit after this optimizer step (0: never); resume later with the same
     flags. For splitting a run across time-limited job allocations (and for testing resumption)."""
-    resume: bool = True
-    """Resume from the latest checkpoint in output_dir if there is one."""
+    resume: bool = False
+    """Continue the run in output_dir from its last complete checkpoint (same flags)."""
+    overwrite: bool = False
+    """Delete an existing run in output_dir and start afresh."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars to output_dir/tensorboard (needs the tensorboard package)."""
     save_model: bool = True
     """Write the final model as a safetensors Hugging Face folder in output_dir/final."""
 
@@ -97,10 +113,17 @@ class TrainConfig:
                  f"task {self.task!r} has k-shot splits {TASKS[self.task].shots}, not {self.shots}")
         need(self.template in TEMPLATES, f"template must be one of {TEMPLATES}")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}")
-        for name in ("max_length", "epochs", "micro_batch_size", "grad_accum"):
+        if self.method == "rule_distill_enhanced":
+            need(self.finetune == "lora",
+                 "rule_distill_enhanced needs finetune=lora: with full fine-tuning the stage-1 teacher "
+                 "and the restarted student would need two copies of the weights")
+        need(not (self.resume and self.overwrite), "resume and overwrite exclude each other")
+        need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        for name in ("max_length", "epochs", "micro_batch_size", "grad_accum", "lora_r",
+                     "lora_alpha"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "save_every", "stop_at_step", "beta", "alpha",
-                     "weight_decay"):
+                     "weight_decay", "stage1_epochs"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
@@ -113,6 +136,13 @@ class TrainConfig:
     @property
     def distill(self) -> bool:
         return self.method.startswith("rule_distill")
+
+    @property
+    def teacher_mode(self) -> str:
+        """How the teacher pass sees the weights (see :class:`rdcore.distill.RuleDistillModule`)."""
+        if self.finetune == "full":
+            return "live"
+        return "teacher" if self.method == "rule_distill_enhanced" else "disabled"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -131,12 +161,17 @@ def _parse_bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser with one ``--flag`` per :class:`TrainConfig` field."""
+    """An argparse parser with one ``--flag`` per :class:`TrainConfig` field, plus ``--config``."""
     parser = argparse.ArgumentParser(
+        prog="rdcore/train.py",
         description="rdcore: rule distillation under DeepSpeed ZeRO-3. "
-        "Run with: deepspeed --num_accelerators 2 rdcore/train.py [flags]")
+        "Run with: deepspeed --num_accelerators 2 rdcore/train.py [--config FILE] [flags]. "
+        "Flags override the config file, which overrides the defaults.")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument("--config", default=None,
+                        help="JSON or YAML file of {field: value} (fields as the flags below)")
     hints = typing.get_type_hints(TrainConfig)
+    docs = _field_docs()
     for f in dataclasses.fields(TrainConfig):
         kind = hints[f.name]
         arg_type: Any
@@ -146,12 +181,57 @@ def build_parser() -> argparse.ArgumentParser:
             arg_type = kind
         else:
             arg_type = str
-        parser.add_argument(f"--{f.name}", type=arg_type, default=f.default,
-                            help=f"(default: {f.default})")
+        parser.add_argument(f"--{f.name}", type=arg_type, default=argparse.SUPPRESS,
+                            help=f"{docs.get(f.name, '')} (default: {f.default})")
     return parser
+
+
+def _field_docs() -> dict[str, str]:
+    """The docstring under each field of TrainConfig (for --help)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in itertools.pairwise(body):
+        if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split()).replace("%", "%%")
+    return docs
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a JSON or YAML config file; unknown fields are an error."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:  # json/yaml parse errors
+        raise ConfigError(f"{path}: cannot parse ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of field names to values")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown field(s) {unknown}")
+    return data
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
     args.pop("local_rank", None)
-    return TrainConfig(**args)
+    file = args.pop("config", None)
+    values = load_config_file(file) if file else {}
+    values.update(args)
+    try:
+        return TrainConfig(**values)
+    except TypeError as err:
+        raise ConfigError(str(err)) from None

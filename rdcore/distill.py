@@ -1,25 +1,128 @@
-"""One module, two roles: the teacher and student passes of a shared-weight model.
+"""One model, two roles: the teacher and student passes of a shared-weight model, and the loss.
 
-:class:`RuleDistillModule` wraps a Hugging Face causal LM. Its ``forward`` runs, inside *one*
-top-level call (so DeepSpeed's ZeRO-3 hooks and prefetch trace see a single forward per step):
+:class:`RuleDistillModule` wraps a Hugging Face causal LM (optionally with PEFT LoRA adapters). Its
+``forward`` runs, inside *one* top-level call — so DeepSpeed's ZeRO-3 module hooks see one forward per
+step and its parameter-prefetch trace stays valid —
 
-1. the teacher pass (rule in context) under ``no_grad`` and in eval mode, when distilling;
+1. the teacher pass (rule in context) under ``no_grad`` and in eval mode (no dropout), through the
+   inner decoder module: with the frozen teacher adapter (LoRA, Rule-Distill-Enhanced), with the
+   adapters disabled (LoRA, Rule-Distill-Base) or with the live weights (full fine-tuning);
 2. the student pass (no rule) with gradients;
-3. the loss, on the distilled rows only: hidden states are gathered at the positions that predict
-   response tokens and only those rows go through the lm_head.
+3. the loss on the distilled rows only — hidden states gathered at the positions that predict response
+   tokens: ``KL·T²`` by the fused lm_head+KL kernel (:func:`kernels.fused_linear_kl`, never [N, V]
+   logits) ``+ β·`` normalised hidden MSE (:func:`kernels.normalized_hidden_mse`) ``+ α·`` CE.
 
-Both passes call the inner decoder (``model.model``) and ``model.lm_head`` as modules, so ZeRO-3
-gathers their parameters through its module hooks.
+ZeRO-3: the fused kernel needs the whole lm_head weight in forward and its gradient must reach the
+partitioned parameter. :class:`FusedKLHead` registers *the same* ``Parameter`` as its own, so
+ZeRO-3's module hooks gather it for the kernel's forward and backward like any module's weight.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from rdcore.losses import ce_rows, hidden_mse_rows, kl_rows
+from kernels import fused_linear_kl, normalized_hidden_mse
+from rdcore import ConfigError
+from rdcore.losses import ce_rows
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+STUDENT, TEACHER = "student", "teacher"
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the model (full or LoRA)
+# --------------------------------------------------------------------------------------------------
+def lora_config(r: int, alpha: int, dropout: float, targets: tuple[str, ...] = LORA_TARGETS) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def add_lora(model: nn.Module, config: Any, teacher_state: dict[str, torch.Tensor] | None = None
+             ) -> nn.Module:
+    """Wrap ``model`` with a trainable ``student`` adapter and, if ``teacher_state`` is given (a PEFT
+    adapter state dict), a frozen ``teacher`` adapter. Base weights are frozen."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    peft_model = get_peft_model(model, config, adapter_name=STUDENT)
+    if teacher_state is not None:
+        peft_model.add_adapter(TEACHER, config)
+        result = set_peft_model_state_dict(peft_model, teacher_state, adapter_name=TEACHER)
+        missing = [k for k in result.missing_keys if f".{TEACHER}." in k]
+        if missing:
+            raise ConfigError(f"the teacher adapter misses {len(missing)} tensors, e.g. {missing[0]}")
+        _activate(peft_model, STUDENT)
+    for name, p in peft_model.named_parameters():
+        p.requires_grad_(f".{STUDENT}." in name and "lora_" in name)
+    return peft_model
+
+
+def _lora_layers(model: nn.Module) -> Iterator[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return (m for m in model.modules() if isinstance(m, BaseTunerLayer))
+
+
+def _activate(model: nn.Module, adapter: str) -> None:
+    """Switch the active adapter without touching ``requires_grad`` (PEFT's own ``set_adapter`` flips
+    it, which would change the optimizer's view of the parameters)."""
+    for layer in _lora_layers(model):
+        layer._active_adapter = adapter
+
+
+@contextlib.contextmanager
+def teacher_adapter(model: nn.Module, mode: str) -> Iterator[None]:
+    """``mode``: "teacher" (the frozen teacher adapter), "disabled" (the base model), "live"."""
+    if mode == "live":
+        yield
+        return
+    layers = list(_lora_layers(model))
+    if mode == "disabled":
+        before = [layer.disable_adapters for layer in layers]
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer, was in zip(layers, before):
+                layer._disable_adapters = was
+        return
+    _activate(model, TEACHER)
+    try:
+        yield
+    finally:
+        _activate(model, STUDENT)
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The underlying ``…ForCausalLM`` of a plain or PEFT-wrapped model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# --------------------------------------------------------------------------------------------------
+# The module DeepSpeed wraps
+# --------------------------------------------------------------------------------------------------
+class FusedKLHead(nn.Module):
+    """The lm_head weight registered as this module's own parameter (the same ``Parameter`` object,
+    not a copy), so ZeRO-3 gathers it around the fused kernel in forward and backward."""
+
+    def __init__(self, lm_head: nn.Linear):
+        super().__init__()
+        if getattr(lm_head, "bias", None) is not None:
+            raise ConfigError("lm_head with a bias is not supported by the fused KL kernel")
+        self.weight = lm_head.weight
+
+    def forward(self, student_NH: torch.Tensor, teacher_NH: torch.Tensor, mask_N: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+        """Σ over masked rows of T²·KL(teacher ‖ student), teacher logits from the same weight."""
+        return fused_linear_kl(student_NH, teacher_NH, self.weight, mask=mask_N,
+                               temperature=temperature, reduction="sum")
 
 
 def _rows(h_BTH: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
@@ -29,45 +132,52 @@ def _rows(h_BTH: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
 class RuleDistillModule(nn.Module):
     """Teacher/student passes and the loss for one micro-batch.
 
-    ``method``: ``inst_tune_no_rule`` / ``inst_tune_rule`` (CE on the student / teacher sequence) or
-    ``rule_distill_base`` (KL·T² + β·hidden MSE + α·CE, teacher = same weights with the rule).
+    ``method``: ``inst_tune_no_rule`` / ``inst_tune_rule`` (CE on the student / teacher sequence), or
+    distillation (``rule_distill_base`` / ``rule_distill_enhanced``): KL·T² + β·hidden MSE + α·CE.
+    ``teacher_mode``: "live" (full fine-tuning: the teacher is the current model), "disabled" (LoRA,
+    Base: the model without adapters) or "teacher" (LoRA, Enhanced: the frozen stage-1 adapter).
     """
 
-    def __init__(self, model: nn.Module, method: str, temperature: float = 1.0, beta: float = 10.0,
-                 alpha: float = 0.0):
+    def __init__(self, model: nn.Module, method: str, teacher_mode: str = "live",
+                 temperature: float = 1.0, beta: float = 10.0, alpha: float = 0.0):
         super().__init__()
         self.model = model
         self.method = method
+        self.teacher_mode = teacher_mode
         self.temperature = temperature
         self.beta = beta
         self.alpha = alpha
+        self.kl_head = FusedKLHead(causal_lm(model).lm_head)
 
     def _decoder(self, batch: dict[str, torch.Tensor], side: str, hidden: bool) -> Any:
-        return self.model.model(input_ids=batch[f"{side}_input_ids"],
-                                attention_mask=batch[f"{side}_attention_mask"],
-                                position_ids=batch[f"{side}_position_ids"],
-                                output_hidden_states=hidden, use_cache=False)
+        return causal_lm(self.model).model(
+            input_ids=batch[f"{side}_input_ids"], attention_mask=batch[f"{side}_attention_mask"],
+            position_ids=batch[f"{side}_position_ids"], output_hidden_states=hidden, use_cache=False)
+
+    def _ce(self, h_NH: torch.Tensor, targets_N: torch.Tensor, row_w_N: torch.Tensor) -> torch.Tensor:
+        logits_NV = causal_lm(self.model).lm_head(h_NH)  # [N, V] for the distilled rows only
+        return (ce_rows(logits_NV, targets_N) * row_w_N).sum()
 
     def forward(self, batch: dict[str, torch.Tensor], row_weight_N: torch.Tensor,
                 scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return ``(loss, stats)``: ``loss = scale · Σ_n w_n · ℓ_n`` and the weighted sums of each
-        term (detached). ``scale`` carries the global-batch normalisation (see train.py)."""
+        """Return ``(loss, stats)``: ``loss = scale · Σ_n w_n · ℓ_n`` (w_n ∈ {0, 1}) and the weighted
+        sums of each term (detached). ``scale`` carries the global-batch normalisation."""
         stats: dict[str, torch.Tensor] = {}
         if not self.method.startswith("rule_distill"):
             side = "teacher" if self.method == "inst_tune_rule" else "student"
             out = self._decoder(batch, side, hidden=False)
-            logits_NV = self.model.lm_head(_rows(out.last_hidden_state, batch[f"{side}_distill_index"]))
-            ce = (ce_rows(logits_NV, batch["target_ids"]) * row_weight_N).sum()
+            ce = self._ce(_rows(out.last_hidden_state, batch[f"{side}_distill_index"]),
+                          batch["target_ids"], row_weight_N)
             stats["ce"] = ce.detach()
             return ce * scale, stats
 
         was_training = self.model.training
         self.model.eval()  # teacher: no dropout
-        with torch.no_grad():
+        with torch.no_grad(), teacher_adapter(self.model, self.teacher_mode):
             t_out = self._decoder(batch, "teacher", hidden=True)
             t_idx = batch["teacher_distill_index"]
             t_states = [_rows(h, t_idx) for h in t_out.hidden_states[:-1]]
-            t_logits_NV = self.model.lm_head(_rows(t_out.last_hidden_state, t_idx))
+            t_last = _rows(t_out.last_hidden_state, t_idx)
             del t_out
         self.model.train(was_training)
 
@@ -76,14 +186,15 @@ class RuleDistillModule(nn.Module):
         # hidden_states = (embeddings, layer 1 … layer L-1 outputs, final-norm output): the paper
         # matches all but the last.
         s_states = [_rows(h, s_idx) for h in s_out.hidden_states[:-1]]
-        s_logits_NV = self.model.lm_head(_rows(s_out.last_hidden_state, s_idx))
+        s_last = _rows(s_out.last_hidden_state, s_idx)
 
-        kl = (kl_rows(s_logits_NV, t_logits_NV, self.temperature) * row_weight_N).sum()
-        mse = (hidden_mse_rows(s_states, t_states) * row_weight_N).sum()
+        mask_N = row_weight_N > 0
+        kl = self.kl_head(s_last, t_last, mask_N, self.temperature)
+        mse = normalized_hidden_mse(s_states, t_states, mask=mask_N) * mask_N.sum()
         loss = kl + self.beta * mse
         stats["kl"], stats["hidden_mse"] = kl.detach(), mse.detach()
         if self.alpha > 0:
-            ce = (ce_rows(s_logits_NV, batch["target_ids"]) * row_weight_N).sum()
+            ce = self._ce(s_last, batch["target_ids"], row_weight_N)
             loss = loss + self.alpha * ce
             stats["ce"] = ce.detach()
         return loss * scale, stats

@@ -34,23 +34,61 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+TRAINER_OWNED = {
+    "train_micro_batch_size_per_gpu": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "train_batch_size": "micro_batch_size × grad_accum × world size",
+    "optimizer.params.lr": "lr",
+    "optimizer.params.weight_decay": "weight_decay",
+    "bf16.enabled": "precision",
+    "fp16.enabled": "precision",
+}
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _put(d: dict[str, Any], dotted: str, value: Any) -> None:
+    *path, last = dotted.split(".")
+    for key in path:
+        d = d.setdefault(key, {})
+    d[last] = value
+
+
 def ds_config_for(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """Load ``cfg.ds_config`` and fill in what the training config decides."""
+    """Load ``cfg.ds_config`` and fill in the values the trainer owns (batch sizes, lr, weight
+    decay, precision). A file value that disagrees with the flags is an error, not overridden."""
     with open(cfg.ds_config) as fh:
         try:
             ds = json.load(fh)
         except json.JSONDecodeError as err:
             raise ConfigError(f"{cfg.ds_config}: malformed JSON ({err})") from None
-    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
-    ds["gradient_accumulation_steps"] = cfg.grad_accum
-    ds["train_batch_size"] = cfg.micro_batch_size * cfg.grad_accum * world_size
-    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
-    params = opt.setdefault("params", {})
-    params["lr"] = cfg.lr
-    params["weight_decay"] = cfg.weight_decay
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{cfg.ds_config}: expected a JSON object")
+    owned = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
+        "optimizer.params.lr": cfg.lr,
+        "optimizer.params.weight_decay": cfg.weight_decay,
+        "bf16.enabled": cfg.precision == "bf16",
+        "fp16.enabled": False,
+    }
+    for key, value in owned.items():
+        have = _get(ds, key)
+        if have is not None and have != "auto" and have != value:
+            raise ConfigError(f"{cfg.ds_config}: {key} = {have!r} conflicts with the trainer's "
+                              f"{value!r} (set by --{TRAINER_OWNED[key].split(' ')[0]}); remove it "
+                              "from the DeepSpeed config or change the flag")
+        _put(ds, key, value)
+    ds.setdefault("optimizer", {}).setdefault("type", "AdamW")
     if not torch.cuda.is_available():
-        params.setdefault("torch_adam", True)  # avoid compiling DeepSpeed's CPU Adam
-    ds["bf16"] = {"enabled": cfg.precision == "bf16"}
+        ds["optimizer"]["params"].setdefault("torch_adam", True)  # no CPU-Adam compilation
     ds.setdefault("steps_per_print", 10**9)
     return ds
 
@@ -75,20 +113,49 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank."""
+    return all_reduce_sum([1.0 if flag else 0.0])[0] > 0
+
+
 def barrier() -> None:
-    dist.barrier()
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any]) -> None:
-    """A resumable DeepSpeed checkpoint (model shards, optimizer, scheduler, client state)."""
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state=state)
+    """A resumable DeepSpeed checkpoint (model shards, optimizer, scheduler, client state).
+
+    Complete only once every rank has written its shards: then rank 0 drops ``COMPLETE`` in the tag
+    folder and points ``latest_complete`` at it, so a crash mid-write never leaves a checkpoint
+    that looks complete (DeepSpeed's own ``latest`` may point at a partial one)."""
+    tag = f"step{step}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state)
+    dist.barrier()
     if dist.get_rank() == 0:
         (ckpt_dir / "world_size").write_text(f"{dist.get_world_size()}\n")
+        (ckpt_dir / tag / "COMPLETE").write_text(json.dumps(state) + "\n")
+        tmp = ckpt_dir / "latest_complete.tmp"
+        tmp.write_text(tag + "\n")
+        os.replace(tmp, ckpt_dir / "latest_complete")
+    dist.barrier()
+
+
+def latest_complete(ckpt_dir: Path) -> str | None:
+    """The newest complete checkpoint tag in ``ckpt_dir`` (``None`` if there is none)."""
+    pointer = ckpt_dir / "latest_complete"
+    if pointer.is_file():
+        tag = pointer.read_text().strip()
+        if (ckpt_dir / tag / "COMPLETE").is_file():
+            return tag
+    tags = [p.name for p in ckpt_dir.glob("step*") if (p / "COMPLETE").is_file()]
+    return max(tags, key=lambda t: int(t[4:]), default=None)
 
 
 def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
-    """Load the latest checkpoint in ``ckpt_dir``; ``None`` if there is none."""
-    if not (ckpt_dir / "latest").is_file():
+    """Load the newest complete checkpoint in ``ckpt_dir``; ``None`` if there is none."""
+    tag = latest_complete(ckpt_dir) if ckpt_dir.is_dir() else None
+    if tag is None:
         return None
     ws_file = ckpt_dir / "world_size"
     if ws_file.is_file() and int(ws_file.read_text()) != dist.get_world_size():
@@ -96,9 +163,9 @@ def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
             f"{ckpt_dir} was written by {int(ws_file.read_text())} ranks but this run has "
             f"{dist.get_world_size()}: resume with the same number of ranks, or consolidate it with "
             f"`python {ckpt_dir}/zero_to_fp32.py {ckpt_dir} <out>` and start a new run from that")
-    path, client_state = engine.load_checkpoint(str(ckpt_dir))
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
-        raise ConfigError(f"{ckpt_dir}: 'latest' names a checkpoint that could not be loaded")
+        raise ConfigError(f"{ckpt_dir}/{tag} could not be loaded")
     return client_state
 
 

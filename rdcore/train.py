@@ -1,10 +1,13 @@
 """Rule distillation / instruction tuning under DeepSpeed ZeRO-3.
 
-    deepspeed --num_accelerators 2 rdcore/train.py --model smollm2-135m --task math \
-        --method rule_distill_base --output_dir runs/demo
+    deepspeed --num_accelerators 2 rdcore/train.py                       # the embedded default
+    deepspeed --num_accelerators 2 rdcore/train.py --model tiny --task bob --method rule_distill_base
+    deepspeed --hostfile hostfile rdcore/train.py --config run.yaml      # multi-node
 
 Parse, build, loop, close. One model holds the weights of both teacher and student (see
-:mod:`rdcore.distill`); DeepSpeed shards it.
+:mod:`rdcore.distill`); DeepSpeed shards it. Rule-Distill-Enhanced runs two stages in one call:
+stage 1 instruction-tunes an adapter with the rule in context (it becomes the frozen teacher),
+stage 2 distils into a fresh student adapter.
 
 Loss normalisation. Every token-level term is a sum over the distilled tokens of the *global* batch
 (all ranks, all accumulation steps) divided by their number, so the loss and the gradients do not
@@ -20,29 +23,43 @@ repeats contribute nothing. No example is dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: `deepspeed rdcore/train.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from rdcore import RdcoreError
+from rdcore import ConfigError, RdcoreError
 from rdcore import engine as eng
 from rdcore.config import TrainConfig, config_from_args
 from rdcore.data import EncodedDataset, Encoder, collate, load_rule_file, load_task
-from rdcore.distill import RuleDistillModule
+from rdcore.distill import STUDENT, RuleDistillModule, add_lora, causal_lm, lora_config
 from rdcore.models import load_model
 
 log = logging.getLogger("rdcore.train")
 
+RESUMABLE_FIELDS = {"resume", "overwrite", "stop_at_step", "save_every", "tensorboard", "output_dir",
+                    "save_model"}
+"""Fields that may differ between a run and its resumption."""
 
+
+class TrainingError(RdcoreError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Data order
+# --------------------------------------------------------------------------------------------------
 def step_schedule(n_examples: int, cfg: TrainConfig, world: int) -> list[list[tuple[int, float]]]:
     """The global batches of the whole run: lists of ``(example index, weight)``.
 
@@ -67,11 +84,7 @@ def micro_batches(step: list[tuple[int, float]], cfg: TrainConfig, world: int, r
                   ) -> list[list[tuple[int, float]]]:
     """This rank's micro-batches of one global batch."""
     m = cfg.micro_batch_size
-    out = []
-    for a in range(cfg.grad_accum):
-        base = (a * world + rank) * m
-        out.append(step[base: base + m])
-    return out
+    return [step[(a * world + rank) * m: (a * world + rank + 1) * m] for a in range(cfg.grad_accum)]
 
 
 def lr_lambda_for(cfg: TrainConfig, total_steps: int):
@@ -84,55 +97,153 @@ def lr_lambda_for(cfg: TrainConfig, total_steps: int):
     return fn
 
 
-def build_data(cfg: TrainConfig, tokenizer) -> EncodedDataset:
-    if cfg.data:
-        examples = load_rule_file(cfg.data)
-    else:
-        examples = load_task(cfg.task, "train", cfg.shots)
+def build_data(cfg: TrainConfig, tokenizer: Any) -> EncodedDataset:
+    examples = load_rule_file(cfg.data) if cfg.data else load_task(cfg.task, "train", cfg.shots)
     return Encoder(tokenizer, cfg.template, cfg.max_length).encode(examples)
 
 
-def main(argv: list[str] | None = None) -> int:
-    # ---- parse ---------------------------------------------------------------------------------
-    cfg = config_from_args(argv)
-    rank, world = eng.init_distributed()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank{rank}] %(message)s")
+# --------------------------------------------------------------------------------------------------
+# Output directory
+# --------------------------------------------------------------------------------------------------
+def prepare_output_dir(cfg: TrainConfig, rank: int) -> Path:
+    """Refuse to mix runs: an output dir holding another run needs --resume or --overwrite."""
     out = Path(cfg.output_dir)
-    ckpt_dir = out / "checkpoints"
+    saved = out / "config.json"
     if rank == 0:
+        if cfg.overwrite and out.exists():
+            if not saved.is_file() and any(out.iterdir()):
+                raise ConfigError(f"{out} is not empty and holds no rdcore run: refusing to delete it")
+            shutil.rmtree(out)
+        elif saved.is_file() and not cfg.resume:
+            raise ConfigError(f"{out} holds another run: pass --resume on to continue it or "
+                              "--overwrite on to replace it")
+        elif cfg.resume and saved.is_file():
+            before = json.loads(saved.read_text())
+            now = cfg.to_dict()
+            diff = sorted(k for k in now if k not in RESUMABLE_FIELDS and before.get(k) != now[k])
+            if diff:
+                raise ConfigError(f"--resume: the flags differ from the run in {out} in {diff}: "
+                                  f"{ {k: (before.get(k), now[k]) for k in diff} }")
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.json")
-    torch.manual_seed(cfg.seed)
+    eng.barrier()
+    return out
 
-    # ---- build ---------------------------------------------------------------------------------
+
+# --------------------------------------------------------------------------------------------------
+# One training stage
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Stage:
+    name: str
+    cfg: TrainConfig
+    teacher_state: dict[str, torch.Tensor] | None = None
+    """Stage 2 of Rule-Distill-Enhanced: the stage-1 adapter, loaded as the frozen teacher."""
+    export_adapter: Path | None = None
+    """Stage 1 of Rule-Distill-Enhanced: where to write the trained adapter."""
+    final: bool = True
+    """Write output_dir/final (the merged model) at the end."""
+
+
+def _adapter_state(full_sd: dict[str, torch.Tensor], adapter: str) -> dict[str, torch.Tensor]:
+    """The PEFT adapter state dict (keys without the adapter name) from a consolidated state dict
+    of the RuleDistillModule."""
+    out = {}
+    marker = f".{adapter}."
+    for key, value in full_sd.items():
+        if key.startswith("model.") and "lora_" in key and marker in key:
+            out[key[len("model."):].replace(marker, ".")] = value.detach().clone()
+    return out
+
+
+def _export(stage: Stage, engine: Any, model: Any, tokenizer: Any, out: Path, rank: int) -> None:
+    """Consolidate the shards (every rank) and write the adapter / final model (rank 0)."""
+    cfg = stage.cfg
+    full_sd = eng.consolidated_state_dict(engine)
+    if stage.export_adapter is not None:
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            tmp = stage.export_adapter.with_suffix(".tmp")
+            save_file(_adapter_state(full_sd, STUDENT), str(tmp))
+            os.replace(tmp, stage.export_adapter)
+        eng.barrier()
+    if not (stage.final and cfg.save_model):
+        return
+    if rank == 0:
+        final = out / "final"
+        tmp = out / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cfg.finetune == "lora":
+            from peft import set_peft_model_state_dict
+
+            dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+            base, _ = load_model(cfg.model, dtype=dtype, seed=cfg.seed)
+            fresh = add_lora(base, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
+            set_peft_model_state_dict(fresh, _adapter_state(full_sd, STUDENT), adapter_name=STUDENT)
+            fresh.save_pretrained(tmp / "adapter", selected_adapters=[STUDENT])
+            merged = fresh.merge_and_unload()
+            merged.save_pretrained(tmp, safe_serialization=True)
+        else:
+            state = {k[len("model."):]: v for k, v in full_sd.items() if k.startswith("model.")}
+            causal_lm(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        log.info("final model written to %s", final)
+    eng.barrier()
+
+
+def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
+    cfg = stage.cfg
+    ckpt_dir = out / "checkpoints" / stage.name
+    done_marker = ckpt_dir / "DONE"
+    if done_marker.is_file() and (stage.export_adapter is None or stage.export_adapter.is_file()):
+        log.info("stage %s already complete", stage.name)
+        return
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     model, tokenizer = load_model(cfg.model, dtype=dtype, seed=cfg.seed)
+    if cfg.finetune == "lora":
+        model = add_lora(model, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
+                         stage.teacher_state)
     data = build_data(cfg, tokenizer)
-    log.info("data: %d examples, rule prefix %d tokens, template %s", len(data),
-             data.rule_prefix_len, cfg.template)
+    log.info("[%s] %s, %s: %d examples, rule prefix %d tokens, template %s", stage.name,
+             cfg.method, cfg.finetune, len(data), data.rule_prefix_len, cfg.template)
     schedule = step_schedule(len(data), cfg, world)
     total = len(schedule)
-    module = RuleDistillModule(model, cfg.method, cfg.temperature, cfg.beta, cfg.alpha)
+    module = RuleDistillModule(model, cfg.method, cfg.teacher_mode, cfg.temperature, cfg.beta,
+                               cfg.alpha)
     engine = eng.build_engine(module, cfg, world, lr_lambda_for(cfg, total))
     shard = eng.partition_stats(engine.module)
+    trainable = sum(p.numel() if not hasattr(p, "ds_numel") else p.ds_numel
+                    for p in engine.module.parameters() if p.requires_grad)
     if rank == 0:
-        (out / "run.json").write_text(json.dumps({"world_size": world, "rank0": shard}, indent=2))
-        log.info("ZeRO: rank 0 holds %d of %d parameter elements", shard["local_param_elements"],
-                 shard["total_param_elements"])
+        info = {"world_size": world, "rank0": shard, "trainable_param_elements": trainable}
+        (out / f"run_{stage.name}.json").write_text(json.dumps(info, indent=2) + "\n")
+        log.info("[%s] ZeRO: rank 0 holds %d of %d parameter elements; %d trainable", stage.name,
+                 shard["local_param_elements"], shard["total_param_elements"], trainable)
     start = 0
-    if cfg.resume:
-        state = eng.load_checkpoint(engine, ckpt_dir)
-        if state is not None:
-            start = int(state["step"])
-            if state.get("world_size") not in (None, world):
-                log.info("resuming a %s-rank checkpoint on %d ranks", state["world_size"], world)
-            log.info("resumed from %s at step %d/%d", ckpt_dir, start, total)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    # ---- loop ----------------------------------------------------------------------------------
+    state = eng.load_checkpoint(engine, ckpt_dir) if cfg.resume else None
+    if state is not None:
+        start = int(state["step"])
+        log.info("[%s] resumed from %s at step %d/%d", stage.name, ckpt_dir, start, total)
     metrics_path = out / "metrics.jsonl"
-    t_start = time.perf_counter()
+    if rank == 0 and metrics_path.exists():  # drop rows past the checkpoint we resume from
+        rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+        keep = [r for r in rows if r.get("stage") != stage.name or r["step"] <= start]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    writer = None
+    if rank == 0 and cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard" / stage.name))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc=stage.name, unit="step", dynamic_ncols=True)
+
     for step in range(start, total):
         global_batch = schedule[step]
         global_tokens = sum(data[i].response_len for i, w in global_batch if w > 0)
@@ -143,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
             batch = collate([data[i] for i, _ in mb], pad_id)
             row_w = torch.cat([torch.full((data[i].response_len,), w) for i, w in mb])
             loss, stats = engine(batch, row_w, scale)
+            if eng.any_rank(not bool(torch.isfinite(loss))):
+                kept = eng.latest_complete(ckpt_dir) if ckpt_dir.is_dir() else None
+                raise TrainingError(f"[{stage.name}] non-finite loss at step {step + 1}; stopped "
+                                    f"before the update. Last good checkpoint: "
+                                    f"{ckpt_dir / kept if kept else 'none'}")
             engine.backward(loss)
             engine.step()
             for k, v in stats.items():
@@ -152,35 +268,65 @@ def main(argv: list[str] | None = None) -> int:
         terms = {k: v / max(global_tokens, 1) for k, v in reduced.items()}
         total_loss = (terms.get("kl", 0.0) + cfg.beta * terms.get("hidden_mse", 0.0)
                       + (cfg.alpha if cfg.distill else 1.0) * terms.get("ce", 0.0))
-        dt = time.perf_counter() - t0
-        row = {"step": step + 1, "loss": total_loss, **terms, "tokens": global_tokens,
-               "lr": engine.get_lr()[0], "step_time_s": dt}
+        row = {"stage": stage.name, "step": step + 1, "loss": total_loss, **terms,
+               "tokens": global_tokens, "lr": engine.get_lr()[0],
+               "step_time_s": time.perf_counter() - t0}
         if rank == 0:
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            detail = " ".join(f"{k} {v:.4g}" for k, v in terms.items())
-            log.info("step %d/%d | loss %.4f | %s | %d tok | %.2fs", step + 1, total, total_loss,
-                     detail, global_tokens, dt)
+            if writer is not None:
+                for k in ("loss", "kl", "hidden_mse", "ce", "lr", "step_time_s"):
+                    if k in row:
+                        writer.add_scalar(f"train/{k}", row[k], step + 1)
+            bar.set_postfix(loss=f"{total_loss:.4g}", tok=global_tokens)
+            bar.update(1)
+            bar.clear()
+            log.info("[%s] step %d/%d | loss %.4f | %s | %d tok | %.2fs", stage.name, step + 1,
+                     total, total_loss, " ".join(f"{k} {v:.4g}" for k, v in terms.items()),
+                     global_tokens, row["step_time_s"])
         if cfg.stop_at_step and step + 1 == cfg.stop_at_step and step + 1 < total:
             eng.save_checkpoint(engine, ckpt_dir, step + 1, {"step": step + 1, "world_size": world})
-            log.info("stopping after step %d as asked (--stop_at_step); rerun to resume", step + 1)
-            eng.barrier()
-            return 0
+            log.info("stopping after step %d as asked (--stop_at_step); rerun with --resume on",
+                     step + 1)
+            raise SystemExit(0)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             eng.save_checkpoint(engine, ckpt_dir, step + 1, {"step": step + 1, "world_size": world})
-
-    # ---- close ---------------------------------------------------------------------------------
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
     if start < total:
         eng.save_checkpoint(engine, ckpt_dir, total, {"step": total, "world_size": world})
-    if cfg.save_model:
-        state_dict = eng.consolidated_state_dict(engine)
-        if rank == 0:
-            final = out / "final"
-            model.save_pretrained(final, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(final)
-            log.info("final model written to %s", final)
+    _export(stage, engine, model, tokenizer, out, rank)
+    if rank == 0:
+        done_marker.write_text(f"{total}\n")
     eng.barrier()
-    log.info("done: %d steps in %.1fs", total - start, time.perf_counter() - t_start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # ---- parse ---------------------------------------------------------------------------------
+    cfg = config_from_args(argv)
+    rank, world = eng.init_distributed()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[rank{rank}] %(message)s")
+    out = prepare_output_dir(cfg, rank)
+    torch.manual_seed(cfg.seed)
+    t_start = time.perf_counter()
+
+    # ---- build and loop (one or two stages) ----------------------------------------------------
+    if cfg.method == "rule_distill_enhanced":
+        stage1_cfg = dataclasses.replace(cfg, method="inst_tune_rule",
+                                         epochs=cfg.stage1_epochs or cfg.epochs)
+        adapter = out / "teacher_adapter.safetensors"
+        run_stage(Stage("stage1", stage1_cfg, export_adapter=adapter, final=False), out, rank, world)
+        from safetensors.torch import load_file
+
+        run_stage(Stage("distill", cfg, teacher_state=load_file(str(adapter))), out, rank, world)
+    else:
+        run_stage(Stage("main", cfg), out, rank, world)
+
+    # ---- close ---------------------------------------------------------------------------------
+    log.info("done in %.1fs; outputs in %s", time.perf_counter() - t_start, out)
     return 0
 
 

@@ -1,0 +1,164 @@
+"""RuleDistillModule without DeepSpeed: the loss equals a plain full-logits computation, and the
+teacher pass sees the weights each mode promises."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rdcore import ConfigError
+from rdcore.config import TrainConfig, config_from_args
+from rdcore.data import Encoder, collate, load_task
+from rdcore.distill import (
+    STUDENT,
+    TEACHER,
+    RuleDistillModule,
+    add_lora,
+    causal_lm,
+    lora_config,
+    teacher_adapter,
+)
+from rdcore.models import load_model
+
+
+def batch_of(tok, n=3):
+    data = Encoder(tok).encode(load_task("math", "train", 8))
+    exs = data.examples[:n]
+    return collate(exs, tok.pad_token_id), torch.ones(sum(e.response_len for e in exs))
+
+
+def reference_loss(model, batch, beta, T):
+    """Paper's loss on full logits (fixed off-by-one), summed over distilled rows."""
+    with torch.no_grad():
+        t = model(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
+                  position_ids=batch["teacher_position_ids"], output_hidden_states=True)
+    s = model(input_ids=batch["student_input_ids"], attention_mask=batch["student_attention_mask"],
+              position_ids=batch["student_position_ids"], output_hidden_states=True)
+    ti, si = batch["teacher_distill_index"], batch["student_distill_index"]
+    tl = t.logits.reshape(-1, t.logits.shape[-1])[ti] / T
+    sl = s.logits.reshape(-1, s.logits.shape[-1])[si] / T
+    kl = (F.softmax(tl, -1) * (F.log_softmax(tl, -1) - F.log_softmax(sl, -1))).sum() * T * T
+    mse = 0
+    for hs, ht in zip(s.hidden_states[:-1], t.hidden_states[:-1]):
+        a = F.normalize(hs.reshape(-1, hs.shape[-1])[si], dim=-1)
+        b = F.normalize(ht.reshape(-1, ht.shape[-1])[ti], dim=-1)
+        mse = mse + (a - b).pow(2).mean(-1)
+    mse = (mse / (len(s.hidden_states) - 1)).sum()
+    return kl + beta * mse
+
+
+def test_full_mode_loss_and_gradients_match_full_logits(tiny):
+    model, tok = load_model("tiny", seed=5)
+    batch, w = batch_of(tok)
+    module = RuleDistillModule(model, "rule_distill_base", "live", temperature=1.5, beta=7.0)
+    loss, stats = module(batch, w, 1.0)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref = reference_loss(model, batch, 7.0, 1.5)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+    assert set(stats) == {"kl", "hidden_mse"}
+
+
+def test_zero_weight_rows_do_not_count(tiny):
+    model, tok = tiny
+    batch, w = batch_of(tok)
+    module = RuleDistillModule(model, "rule_distill_base", "live", alpha=0.3)
+    w[:2] = 0
+    _, stats = module(batch, w, 1.0)
+    kept = {k: v.clone() for k, v in stats.items()}
+    batch["target_ids"] = batch["target_ids"].clone()
+    batch["target_ids"][:2] = 0  # the dropped rows' targets must not matter either
+    _, again = module(batch, w, 1.0)
+    for k in kept:
+        torch.testing.assert_close(kept[k], again[k])
+
+
+def test_lora_teacher_modes():
+    model, tok = load_model("tiny", seed=2)
+    cfg = lora_config(4, 8, 0.0)
+    # a teacher adapter with non-zero weights, as stage 1 would leave it
+    donor = add_lora(load_model("tiny", seed=2)[0], cfg)
+    g = torch.Generator().manual_seed(0)
+    for name, p in donor.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+    from peft import get_peft_model_state_dict
+
+    teacher_state = get_peft_model_state_dict(donor, adapter_name=STUDENT)
+    peft = add_lora(model, cfg, teacher_state)
+    trainable = [n for n, p in peft.named_parameters() if p.requires_grad]
+    assert trainable and all(f".{STUDENT}." in n for n in trainable)
+    ids = torch.tensor([tok("62 @@@ 51 = ?")["input_ids"]])
+    with torch.no_grad():
+        student = peft(input_ids=ids).logits  # fresh student adapter: equals the base
+        with teacher_adapter(peft, "disabled"):
+            base = peft(input_ids=ids).logits
+        with teacher_adapter(peft, "teacher"):
+            teacher = peft(input_ids=ids).logits
+        reference = donor(input_ids=ids).logits
+    torch.testing.assert_close(student, base)
+    torch.testing.assert_close(teacher, reference, rtol=1e-5, atol=1e-5)
+    assert (teacher - base).abs().max() > 1e-3
+    assert all(p.requires_grad == (n in trainable) for n, p in peft.named_parameters())
+    assert any(f".{TEACHER}." in n for n, _ in peft.named_parameters())
+    assert causal_lm(peft).lm_head is causal_lm(model).lm_head
+
+
+def test_config_file_flags_and_validation(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: tiny\nmethod: rule_distill_base\nfinetune: full\nbeta: 3\n")
+    cfg = config_from_args(["--config", str(path), "--beta", "5"])
+    assert (cfg.model, cfg.method, cfg.finetune, cfg.beta) == ("tiny", "rule_distill_base", "full", 5)
+    assert TrainConfig().method == "rule_distill_enhanced" and TrainConfig().finetune == "lora"
+    (tmp_path / "bad.json").write_text(json.dumps({"modle": "tiny"}))
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['modle'\]"):
+        config_from_args(["--config", str(tmp_path / "bad.json")])
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        config_from_args(["--config", str(tmp_path / "broken.json")])
+    with pytest.raises(ConfigError, match="needs finetune=lora"):
+        TrainConfig(method="rule_distill_enhanced", finetune="full")
+    with pytest.raises(ConfigError, match="k-shot splits"):
+        TrainConfig(task="math", shots=5)
+    assert TrainConfig(task="arithmetic").task == "math"
+
+
+def test_deepspeed_config_conflicts_are_errors(tmp_path):
+    from rdcore.engine import ds_config_for
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3},
+                                "train_micro_batch_size_per_gpu": 4}))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu = 4 conflicts"):
+        ds_config_for(TrainConfig(ds_config=str(path), micro_batch_size=2), 2)
+    ds = ds_config_for(TrainConfig(ds_config=str(path), micro_batch_size=4, grad_accum=3), 2)
+    assert ds["train_batch_size"] == 24 and ds["optimizer"]["params"]["lr"] == 1e-4
+    path.write_text("{oops")
+    with pytest.raises(ConfigError, match="malformed JSON"):
+        ds_config_for(TrainConfig(ds_config=str(path)), 1)
+
+
+def test_output_dir_protection(tmp_path):
+    from rdcore.train import prepare_output_dir
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(model="tiny", output_dir=str(out))
+    prepare_output_dir(cfg, 0)
+    with pytest.raises(ConfigError, match="holds another run"):
+        prepare_output_dir(cfg, 0)
+    with pytest.raises(ConfigError, match=r"flags differ .*'beta'"):
+        prepare_output_dir(TrainConfig(model="tiny", output_dir=str(out), beta=3, resume=True), 0)
+    prepare_output_dir(TrainConfig(model="tiny", output_dir=str(out), resume=True, save_every=2), 0)
+    (out / "junk").write_text("x")
+    prepare_output_dir(TrainConfig(model="tiny", output_dir=str(out), overwrite=True), 0)
+    assert not (out / "junk").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "precious.txt").write_text("x")
+    with pytest.raises(ConfigError, match="refusing to delete"):
+        prepare_output_dir(TrainConfig(model="tiny", output_dir=str(other), overwrite=True), 0)
