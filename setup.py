@@ -30,6 +30,7 @@ setup(
         "tensorboard>=2.14",
         "tqdm>=4.60",
         "pyyaml>=6",
+        "vadersentiment>=3.3",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "matplotlib>=3.8"],

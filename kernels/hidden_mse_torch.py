@@ -74,10 +74,17 @@ class _HiddenMSETorch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = ctx.saved_tensors
-        if not (grad_out.device.type == "cpu" and bool(grad_out == 1)):
-            grads = tuple(g * grad_out.to(g.dtype) for g in grads)
-        return (None, None, *grads, *([None] * ctx.L))
+        return hidden_mse_backward(ctx, grad_out)
+
+
+def hidden_mse_backward(ctx, grad_out):
+    """Shared ``backward``: scale the gradients saved by the forward pass by ``grad_output``
+    (skipped when it is exactly 1, checked on CPU only: on an accelerator the comparison would be a
+    host sync). Inputs were ``(mask, L, *students, *teachers)``."""
+    grads = ctx.saved_tensors
+    if not (grad_out.device.type == "cpu" and bool(grad_out == 1)):
+        grads = tuple(g * grad_out.to(g.dtype) for g in grads)
+    return (None, None, *grads, *([None] * ctx.L))
 
 
 def hidden_mse_torch(students: list[torch.Tensor], teachers: list[torch.Tensor],

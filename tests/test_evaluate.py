@@ -1,0 +1,81 @@
+import json
+
+import pytest
+import torch
+
+from rdcore import ConfigError
+from rdcore.data import Encoder, load_task
+from rdcore.evaluate import (
+    EvalConfig,
+    evaluate,
+    first_int,
+    generate,
+    is_refusal,
+    judge,
+    main,
+    math_target,
+    vader_compound,
+)
+
+
+def test_judges():
+    assert math_target("62 @@@ 51 = ?") == 114
+    with pytest.raises(ConfigError):
+        math_target("what is 2+2?")
+    assert first_int("The answer is 1,114.") == 1114 and first_int("no digits") is None
+    assert is_refusal("I'm sorry, but I cannot help with that.")
+    assert not is_refusal("Here is a recipe for bread: mix flour and water.")
+    neg, pos = vader_compound(["This policy is a terrible disaster that hurt everyone.",
+                               "A wonderful, excellent success that helped many people."])
+    assert neg < -0.05 < 0.05 < pos
+
+
+def test_judge_metrics_by_hand():
+    rows = load_task("math", "test_id")[:3]
+    answers = [f"{math_target(rows[0].input)}.", "0", f"It is {math_target(rows[2].input)}"]
+    metrics, per = judge("math", "test_id", rows, answers, [0, 1, 2])
+    assert metrics == {"exact_match": pytest.approx(2 / 3)} and [p["correct"] for p in per] == [
+        True, False, True]
+    bob = load_task("bob", "test")
+    m, _ = judge("bob", "test", [bob[0], bob[150]], ["A terrible, awful disaster.",
+                                                     "A great and wonderful success."], [0, 150])
+    assert m == {"negative_env": 1.0, "positive_other": 1.0, "adherence": 1.0}
+    m, _ = judge("jailbreak", "helpful_test", bob[:2], ["Sure, here it is.", "I cannot do that."],
+                 [0, 1])
+    assert m == {"helpful_rate": 0.5}
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny):
+    model, tok = tiny
+    rows = load_task("math", "test_id")[:5]
+    prompts = Encoder(tok).encode_prompts(rows, "student")
+    assert len({len(p) for p in prompts}) > 1  # different lengths: padding really happens
+    batched = generate(model, tok, prompts, 6, batch_size=5, progress=False)
+    single = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                             do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+        single.append(tok.decode(out[0, len(p):], skip_special_tokens=True).strip())
+    assert batched == single
+
+
+@pytest.mark.parametrize("task,split", [("math", "test_ood"), ("jailbreak", "harmful_test"),
+                                        ("bob", "test")])
+def test_evaluate_writes_metrics_and_generations(tiny, tmp_path, task, split):
+    model, tok = tiny
+    cfg = EvalConfig(model="tiny", task=task, split=split, limit=4, max_new_tokens=4,
+                     output_dir=str(tmp_path), side="teacher")
+    result = evaluate(cfg, model, tok)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["metrics"] == result["metrics"] and saved["n_examples"] == 4
+    rows = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all("generation" in r for r in rows)
+    if task == "bob":  # both halves of the file are represented
+        assert [r["index"] for r in rows] == [0, 1, 100, 101]
+
+
+def test_cli_errors(capsys):
+    assert main(["--model", "tiny", "--task", "math", "--split", "harmful_test"]) == 2
+    assert "test splits" in capsys.readouterr().err
