@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,14 +124,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any]) -> None:
-    """A resumable DeepSpeed checkpoint (model shards, optimizer, scheduler, client state).
+def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any],
+                    adapter: Callable[[], dict[str, torch.Tensor] | None] | None = None) -> None:
+    """A resumable DeepSpeed checkpoint (model shards, optimizer, scheduler, client state), each
+    rank's random state, and (LoRA) the adapter as safetensors.
 
     Complete only once every rank has written its shards: then rank 0 drops ``COMPLETE`` in the tag
     folder and points ``latest_complete`` at it, so a crash mid-write never leaves a checkpoint
     that looks complete (DeepSpeed's own ``latest`` may point at a partial one)."""
     tag = f"step{step}"
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state)
+    _save_rng(ckpt_dir / tag / f"rng_rank{dist.get_rank()}.safetensors")
+    if adapter is not None:  # called on every rank (it gathers); rank 0 gets the tensors
+        tensors = adapter()
+        if dist.get_rank() == 0:
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(ckpt_dir / tag / "adapter.safetensors"))
     dist.barrier()
     if dist.get_rank() == 0:
         (ckpt_dir / "world_size").write_text(f"{dist.get_world_size()}\n")
@@ -166,7 +176,39 @@ def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise ConfigError(f"{ckpt_dir}/{tag} could not be loaded")
+    _load_rng(ckpt_dir / tag / f"rng_rank{dist.get_rank()}.safetensors")
     return client_state
+
+
+def _save_rng(path: Path) -> None:
+    """This rank's random-number state (dropout must continue as if never interrupted)."""
+    from safetensors.torch import save_file
+
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    save_file(state, str(path))
+
+
+def _load_rng(path: Path) -> None:
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: the checkpoint lacks this rank's random state")
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    torch.set_rng_state(state["cpu"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gathered_params(engine: Any, select: Callable[[str], bool]) -> dict[str, torch.Tensor] | None:
+    """Full copies of the parameters whose name passes ``select`` on rank 0 (``None`` elsewhere);
+    gathers only those (not the whole model). Call on every rank."""
+    named = [(n, p) for n, p in engine.module.named_parameters() if select(n)]
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+        if dist.get_rank() != 0:
+            return None
+        return {n: p.detach().clone().cpu() for n, p in named}
 
 
 def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:

@@ -222,6 +222,10 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
         (out / f"run_{stage.name}.json").write_text(json.dumps(info, indent=2) + "\n")
         log.info("[%s] ZeRO: rank 0 holds %d of %d parameter elements; %d trainable", stage.name,
                  shard["local_param_elements"], shard["total_param_elements"], trainable)
+    # Seed the training randomness (LoRA dropout) here, after everything that may or may not draw
+    # random numbers (a first-run model conversion, DeepSpeed's set-up): runs are reproducible
+    # whatever the caches held. A resumed run then restores its checkpoint's random state.
+    torch.manual_seed(cfg.seed * 7919 + (1 if stage.name == "stage1" else 0))
     start = 0
     state = eng.load_checkpoint(engine, ckpt_dir) if cfg.resume else None
     if state is not None:
@@ -243,6 +247,14 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=start, desc=stage.name, unit="step", dynamic_ncols=True)
+
+    def adapter() -> dict[str, torch.Tensor] | None:
+        got = eng.gathered_params(engine, lambda n: "lora_" in n and f".{STUDENT}." in n)
+        return None if got is None else _adapter_state(got, STUDENT)
+
+    def checkpoint(at: int) -> None:
+        eng.save_checkpoint(engine, ckpt_dir, at, {"step": at, "world_size": world},
+                            adapter if cfg.finetune == "lora" else None)
 
     for step in range(start, total):
         global_batch = schedule[step]
@@ -285,18 +297,18 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
                      total, total_loss, " ".join(f"{k} {v:.4g}" for k, v in terms.items()),
                      global_tokens, row["step_time_s"])
         if cfg.stop_at_step and step + 1 == cfg.stop_at_step and step + 1 < total:
-            eng.save_checkpoint(engine, ckpt_dir, step + 1, {"step": step + 1, "world_size": world})
+            checkpoint(step + 1)
             log.info("stopping after step %d as asked (--stop_at_step); rerun with --resume on",
                      step + 1)
             raise SystemExit(0)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            eng.save_checkpoint(engine, ckpt_dir, step + 1, {"step": step + 1, "world_size": world})
+            checkpoint(step + 1)
     if bar is not None:
         bar.close()
     if writer is not None:
         writer.close()
     if start < total:
-        eng.save_checkpoint(engine, ckpt_dir, total, {"step": total, "world_size": world})
+        checkpoint(total)
     _export(stage, engine, model, tokenizer, out, rank)
     if rank == 0:
         done_marker.write_text(f"{total}\n")
