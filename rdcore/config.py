@@ -34,6 +34,9 @@ class TrainConfig:
     """k of the packaged k-shot training split."""
     data: str | None = None
     """A user's JSON/JSONL file of {rule, input, output[, context]} rows instead of a task."""
+    rule_text: str = ""
+    """Replace every row's rule with this text; "canonical" = the task's single wording (bob: the
+    "When the inputs…" text, see rdcore.data.canonical_rule). Empty: the rules as in the files."""
     method: str = "rule_distill_enhanced"
     """inst_tune_no_rule | inst_tune_rule (CE without/with the rule) | rule_distill_base (teacher:
     the starting model with the rule in context) | rule_distill_enhanced (stage 1: inst_tune_rule on

@@ -31,6 +31,7 @@ Nothing is dropped or truncated silently.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -246,6 +247,28 @@ def load_rule_file(path: str | os.PathLike, *, require_output: bool = True) -> l
         examples.append(RuleExample(rule=r["rule"], context=r["context"], input=r["input"],
                                     output=r["output"], source=f"{path}:{i}"))
     return examples
+
+
+def canonical_rule(task: str) -> str:
+    """One rule text for every row of a task whose files word it in several ways.
+
+    The Bob files (8–64 shots, ``test_full``) state the rule in two wordings that track the class
+    ("When the inputs…" only on environmental rows, "As long as…" only on the others), so a model can
+    read the wording instead of the rule; the 128-shot file uses the first wording only, which is the
+    canonical one. The other tasks state one rule (the math rows embed per-row examples by design).
+    """
+    task = task_name(task)
+    if task != "bob":
+        raise DataError(f"task {task!r} has no alternative rule wordings; no canonical rule needed")
+    return load_task("bob", "train", 128)[0].rule
+
+
+def replace_rule(examples: Sequence[RuleExample], text: str) -> list[RuleExample]:
+    """The same examples with every rule replaced by ``text`` (``"canonical"``: see
+    :func:`canonical_rule`, which needs the task: use it directly)."""
+    if not text.strip():
+        raise DataError("the replacement rule text is empty")
+    return [dataclasses.replace(ex, rule=text) for ex in examples]
 
 
 def load_task(task: str, split: str = "train", shots: int = 8, seed: int = 1234, *,

@@ -43,7 +43,15 @@ if __package__ in (None, ""):
 import torch
 
 from rdcore import ConfigError, RdcoreError
-from rdcore.data import TEMPLATES, Encoder, RuleExample, load_task, task_name
+from rdcore.data import (
+    TEMPLATES,
+    Encoder,
+    RuleExample,
+    canonical_rule,
+    load_task,
+    replace_rule,
+    task_name,
+)
 from rdcore.models import load_model
 
 MAX_NEW_TOKENS = {"math": 16, "jailbreak": 96, "bob": 96}
@@ -165,6 +173,9 @@ class EvalConfig:
     """student: prompts without the rule; teacher: with it (the reference)."""
     template: str = "alpaca"
     """Prompt template, as in training."""
+    rule_text: str = ""
+    """Replace every row's rule (teacher side) with this text; "canonical": the task's single
+    wording (bob). Empty: the rules as in the test file."""
     max_new_tokens: int = 0
     """Tokens to generate (0: the task's default)."""
     batch_size: int = 8
@@ -215,6 +226,9 @@ def evaluate(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) -> dict[
         else:
             indices = indices[: cfg.limit]
     chosen = [examples[i] for i in indices]
+    if cfg.rule_text:
+        text = canonical_rule(cfg.task) if cfg.rule_text == "canonical" else cfg.rule_text
+        chosen = replace_rule(chosen, text)
     prompts = Encoder(tokenizer, cfg.template, cfg.max_length).encode_prompts(chosen, cfg.side)
     answers = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
     metrics, per_example = judge(cfg.task, cfg.split, chosen, answers, indices)
@@ -234,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rdcore.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
     for name, default in (("task", "math"), ("split", ""), ("side", "student"),
-                          ("template", "alpaca"), ("output_dir", "")):
+                          ("template", "alpaca"), ("rule_text", ""), ("output_dir", "")):
         ap.add_argument(f"--{name}", default=default)
     for name, default in (("max_new_tokens", 0), ("batch_size", 8), ("limit", 0),
                           ("max_length", 2048)):

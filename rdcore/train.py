@@ -42,7 +42,15 @@ import torch
 from rdcore import ConfigError, RdcoreError
 from rdcore import engine as eng
 from rdcore.config import TrainConfig, config_from_args
-from rdcore.data import EncodedDataset, Encoder, collate, load_rule_file, load_task
+from rdcore.data import (
+    EncodedDataset,
+    Encoder,
+    canonical_rule,
+    collate,
+    load_rule_file,
+    load_task,
+    replace_rule,
+)
 from rdcore.distill import STUDENT, RuleDistillModule, add_lora, causal_lm, lora_config
 from rdcore.models import load_model
 
@@ -99,6 +107,9 @@ def lr_lambda_for(cfg: TrainConfig, total_steps: int):
 
 def build_data(cfg: TrainConfig, tokenizer: Any) -> EncodedDataset:
     examples = load_rule_file(cfg.data) if cfg.data else load_task(cfg.task, "train", cfg.shots)
+    if cfg.rule_text:
+        text = canonical_rule(cfg.task) if cfg.rule_text == "canonical" else cfg.rule_text
+        examples = replace_rule(examples, text)
     return Encoder(tokenizer, cfg.template, cfg.max_length).encode(examples)
 
 

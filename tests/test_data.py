@@ -224,3 +224,17 @@ def test_padded_batch_gives_the_same_logits_as_single_examples(tiny, side):
             lg = model(input_ids=torch.tensor([e.teacher_ids])).logits[0]
             singles.append(lg[list(e.distill_positions("teacher"))])
     torch.testing.assert_close(rows, torch.cat(singles), rtol=1e-5, atol=1e-5)
+
+
+def test_canonical_rule_removes_the_bob_wording_confound(tiny_tok):
+    from rdcore.data import canonical_rule, replace_rule
+
+    text = canonical_rule("bob")
+    assert text.startswith("Bob is a president. When the inputs")
+    rows = replace_rule(load_task("bob", "train", 16), text)
+    ds = Encoder(tiny_tok).encode(rows)
+    assert ds.distinct_rules == 1 and not ds.notes
+    original = Encoder(tiny_tok).encode(load_task("bob", "train", 16))
+    assert ds.rule_prefix_len > original.rule_prefix_len  # the whole rule is now shared
+    with pytest.raises(DataError, match="no alternative rule wordings"):
+        canonical_rule("math")

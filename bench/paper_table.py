@@ -1,0 +1,182 @@
+"""The paper's comparison as a resumable sweep: methods × k × seeds for one task, each cell a real
+training run (``deepspeed rdcore/train.py``) followed by evaluation (``rdcore.evaluate``).
+
+    python bench/paper_table.py --task bob --model smollm2-135m --shots 8,16,32 \
+        --seeds 1234,2345,3456 --epochs 20 --out runs/paper_bob --rule_text canonical
+    python bench/paper_table.py --out runs/paper_bob --report-only      # tables and plot again
+
+Each cell lives in ``<out>/cells/<method>_k<k>_s<seed>/`` (the run folder, with ``eval/``). A cell
+whose evaluation file exists is not rerun, so a sweep can span several sittings; an interrupted
+training resumes from its checkpoint. Methods are evaluated without the rule (the student's
+situation), except ``inst_tune_rule``, which is evaluated with it, as in the paper.
+
+Results: ``<out>/results.csv`` (one row per cell and metric), ``<out>/table.md`` (mean ± std over
+seeds, per method and k) and ``<out>/<metric>.png`` (metric against k per method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("inst_tune_no_rule", "inst_tune_rule", "rule_distill_base", "rule_distill_enhanced")
+MAIN_METRIC = {"math": "exact_match", "jailbreak": "refusal_rate", "bob": "adherence"}
+SPLITS = {"math": ["test_id", "test_ood"], "jailbreak": ["harmful_test", "helpful_test"],
+          "bob": ["test"]}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
+
+
+def cell(args: argparse.Namespace, method: str, k: int, seed: int) -> list[dict]:
+    name = f"{method}_k{k}_s{seed}"
+    folder = Path(args.out) / "cells" / name
+    side = "teacher" if method == "inst_tune_rule" else "student"
+    rows = []
+    evals = {split: folder / "eval" / f"{split}_{side}" / "eval.json" for split in SPLITS[args.task]}
+    if not all(p.is_file() for p in evals.values()):
+        deepspeed = Path(sys.executable).parent / "deepspeed"
+        train = [str(deepspeed), "--num_accelerators", str(args.ranks), "--master_port",
+                 str(free_port()), "rdcore/train.py", "--model", args.model,
+                 "--task", args.task, "--shots", str(k), "--seed", str(seed), "--method", method,
+                 "--finetune", "lora", "--epochs", str(args.epochs), "--lr", str(args.lr),
+                 "--micro_batch_size", str(args.micro_batch_size), "--output_dir", str(folder),
+                 "--resume", "on", "--tensorboard", "off", *args.train_args]
+        if args.rule_text:
+            train += ["--rule_text", args.rule_text]
+        if not (folder / "final" / "config.json").is_file():
+            print(f"[{name}] training", flush=True)
+            run(train, folder / "sweep.log")
+        for split, path in evals.items():
+            if path.is_file():
+                continue
+            print(f"[{name}] evaluating {split} ({side})", flush=True)
+            ev = [sys.executable, "-m", "rdcore.evaluate", "--model", str(folder), "--task",
+                  args.task, "--split", split, "--side", side, "--limit", str(args.limit),
+                  "--output_dir", str(path.parent), "--batch_size", str(args.eval_batch_size),
+                  "--max_new_tokens", str(args.max_new_tokens)]
+            if args.rule_text:
+                ev += ["--rule_text", args.rule_text]
+            run(ev, folder / "sweep.log")
+    for split, path in evals.items():
+        result = json.loads(path.read_text())
+        for metric, value in result["metrics"].items():
+            rows.append({"method": method, "k": k, "seed": seed, "split": split, "side": side,
+                         "metric": metric, "value": value, "n": result["n_examples"]})
+    return rows
+
+
+def report(out: Path, task: str) -> None:
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        groups[(r["split"], r["metric"], r["method"], int(r["k"]))].append(float(r["value"]))
+    lines = [f"# {task}: mean ± std over seeds (n = number of seeds)\n"]
+    for split, metric in sorted({(s, m) for s, m, _, _ in groups}):
+        ks = sorted({k for s, m, _, k in groups if (s, m) == (split, metric)})
+        lines.append(f"\n## {split} — {metric}\n")
+        lines.append("| method | " + " | ".join(f"k={k}" for k in ks) + " |")
+        lines.append("|---|" + "---|" * len(ks))
+        for method in METHODS:
+            cells = []
+            for k in ks:
+                v = groups.get((split, metric, method, k))
+                if not v:
+                    cells.append("—")
+                else:
+                    sd = statistics.stdev(v) if len(v) > 1 else 0.0
+                    cells.append(f"{statistics.mean(v):.3f} ± {sd:.3f} (n={len(v)})")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    metric = MAIN_METRIC[task]
+    for split in sorted({s for s, m, _, _ in groups if m == metric}):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for method in METHODS:
+            ks = sorted(k for s, m, me, k in groups if (s, m, me) == (split, metric, method))
+            if not ks:
+                continue
+            means = [statistics.mean(groups[(split, metric, method, k)]) for k in ks]
+            sds = [statistics.stdev(groups[(split, metric, method, k)])
+                   if len(groups[(split, metric, method, k)]) > 1 else 0.0 for k in ks]
+            ax.errorbar(ks, means, yerr=sds, marker="o", capsize=3, label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k (training examples)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{task} {split}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"{split}_{metric}.png", dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", default="bob", choices=sorted(SPLITS))
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--shots", default="8,16,32")
+    ap.add_argument("--seeds", default="1234,2345,3456")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--micro_batch_size", type=int, default=1)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--limit", type=int, default=0, help="test rows per split (0: all)")
+    ap.add_argument("--eval_batch_size", type=int, default=8)
+    ap.add_argument("--max_new_tokens", type=int, default=0, help="0: the task's default")
+    ap.add_argument("--rule_text", default="", help='"canonical" for the Bob main table')
+    ap.add_argument("--out", default="runs/paper")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("train_args", nargs="*", help="extra flags for rdcore/train.py (after --)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        fields = ["method", "k", "seed", "split", "side", "metric", "value", "n"]
+        rows = []
+        for k in [int(v) for v in args.shots.split(",")]:
+            for seed in [int(v) for v in args.seeds.split(",")]:
+                for method in args.methods.split(","):
+                    if method not in METHODS:
+                        raise SystemExit(f"unknown method {method!r}")
+                    rows += cell(args, method, k, seed)
+                    with (out / "results.csv").open("w", newline="") as fh:
+                        writer = csv.DictWriter(fh, fieldnames=fields)
+                        writer.writeheader()
+                        writer.writerows(rows)
+    report(out, args.task)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""The experiment runner end to end on the tiny model: cells train and evaluate, the table is
+written, and a second call reruns nothing."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def test_sweep_is_resumable(tmp_path):
+    cmd = [sys.executable, "bench/paper_table.py", "--task", "bob", "--model", "tiny",
+           "--methods", "inst_tune_no_rule,rule_distill_base", "--shots", "8", "--seeds", "1234",
+           "--epochs", "1", "--ranks", "1", "--limit", "2", "--max_new_tokens", "4",
+           "--rule_text", "canonical", "--out", str(tmp_path)]
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert first.stdout.count("training") == 2
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert {r["method"] for r in rows} == {"inst_tune_no_rule", "rule_distill_base"}
+    assert {r["metric"] for r in rows} == {"negative_env", "positive_other", "adherence"}
+    assert all(r["side"] == "student" and r["n"] == "2" for r in rows)
+    table = (tmp_path / "table.md").read_text()
+    assert "| rule_distill_base |" in table and "(n=1)" in table
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and "training" not in second.stdout
+    assert "evaluating" not in second.stdout
