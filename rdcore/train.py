@@ -236,7 +236,8 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
     # Seed the training randomness (LoRA dropout) here, after everything that may or may not draw
     # random numbers (a first-run model conversion, DeepSpeed's set-up): runs are reproducible
     # whatever the caches held. A resumed run then restores its checkpoint's random state.
-    torch.manual_seed(cfg.seed * 7919 + (1 if stage.name == "stage1" else 0))
+    # Each rank draws its own dropout masks.
+    torch.manual_seed(cfg.seed * 7919 + 101 * rank + (1 if stage.name == "stage1" else 0))
     start = 0
     state = eng.load_checkpoint(engine, ckpt_dir) if cfg.resume else None
     if state is not None:
