@@ -26,3 +26,19 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_tok(tiny):
     return tiny[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_leftover_shm():
+    """Runs killed on purpose (SIGKILL tests) cannot clean DeepSpeed's /dev/shm buffers: remove the
+    ones created during this session."""
+    import time
+
+    start = time.time()
+    yield
+    for path in Path("/dev/shm").glob("deepspeed_*"):
+        try:
+            if path.stat().st_mtime >= start - 1:
+                path.unlink()
+        except OSError:
+            pass
