@@ -43,12 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.linear_kl_torch import (
-    REDUCTIONS,
-    linear_kl_backward,
-    linear_kl_chunked,
-    linear_kl_forward,
-)
+from kernels.linear_kl_torch import REDUCTIONS, LinearKLFunction, linear_kl_chunked
 
 CHUNK_BUDGET_BYTES = 1 << 30
 """Budget for the per-chunk [C, V] buffers of the Triton path (s, t and, for bf16/fp16, g)."""
@@ -218,19 +213,6 @@ def _triton_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w_N, T: float, want_dx: bool, w
 
 
 # --------------------------------------------------------------------------------------------------
-# autograd
-# --------------------------------------------------------------------------------------------------
-class _LinearKLTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_NH, xt_NHt, w_VH, wt_VHt, mask, T: float, reduction: str):
-        return linear_kl_forward(ctx, _triton_pass, x_NH, xt_NHt, w_VH, wt_VHt, mask, T, reduction)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return linear_kl_backward(ctx, _triton_pass, grad_out)
-
-
-# --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------
 def _check(x, xt, w, wt, mask, temperature, reduction, impl) -> None:
@@ -277,6 +259,8 @@ def fused_linear_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
     if use_triton and not student_hidden.is_cuda and not _interpreting():
         raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
                          "importing triton, for CPU tests); use impl='torch' on CPU")
-    fn = _LinearKLTriton.apply if use_triton else linear_kl_chunked
-    return fn(student_hidden, teacher_hidden.detach(), weight, wt.detach(), mask,
-              float(temperature), reduction)
+    if use_triton:  # the autograd Function is shared with the chunked-PyTorch path
+        return LinearKLFunction.apply(_triton_pass, student_hidden, teacher_hidden.detach(), weight,
+                                      wt.detach(), mask, float(temperature), reduction)
+    return linear_kl_chunked(student_hidden, teacher_hidden.detach(), weight, wt.detach(), mask,
+                             float(temperature), reduction)

@@ -137,54 +137,50 @@ def _row_weights(mask: torch.Tensor | None, N: int, reduction: str, device) -> t
     return w
 
 
-class _LinearKLTorch(torch.autograd.Function):
+class LinearKLFunction(torch.autograd.Function):
+    """The autograd Function of both paths: ``run_pass`` is the chunked-PyTorch pass
+    (:func:`_chunked_pass`) or the Triton one (``kernels.linear_kl._triton_pass``); both take
+    ``(x, x̃, W, W̃, row_w, T, want_dx, want_dw)`` and return ``(loss_N, dx | None, dW_fp32 | None)``.
+
+    "mean"/"sum": the gradients are computed in forward and saved; backward scales them by
+    ``grad_output``, skipped when it is exactly 1 (checked on CPU only: on an accelerator the
+    comparison would be a host sync, which costs more than the scale). "none": forward computes only
+    the losses; backward re-runs the pass with ``grad_output`` as row weights (a per-row
+    ``grad_output`` cannot be folded into a saved dW)."""
+
     @staticmethod
-    def forward(ctx, x_NH, xt_NHt, w_VH, wt_VHt, mask, T: float, reduction: str):
-        return linear_kl_forward(ctx, _chunked_pass, x_NH, xt_NHt, w_VH, wt_VHt, mask, T, reduction)
+    def forward(ctx, run_pass, x_NH, xt_NHt, w_VH, wt_VHt, mask, T: float, reduction: str):
+        want_dx, want_dw = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        N = x_NH.shape[0]
+        ctx.run_pass, ctx.reduction, ctx.T, ctx.wants = run_pass, reduction, T, (want_dx, want_dw)
+        if reduction == "none":
+            row_w = _row_weights(mask, N, "sum", x_NH.device)
+            loss_N, _, _ = run_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w, T, False, False)
+            ctx.save_for_backward(x_NH, xt_NHt, w_VH, wt_VHt, row_w)
+            return loss_N * row_w
+        row_w = _row_weights(mask, N, reduction, x_NH.device)
+        loss_N, dx, dw = run_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w, T, want_dx, want_dw)
+        ctx.save_for_backward(dx, None if dw is None else dw.to(w_VH.dtype))
+        return (loss_N * row_w).sum()
 
     @staticmethod
     def backward(ctx, grad_out):
-        return linear_kl_backward(ctx, _chunked_pass, grad_out)
-
-
-def linear_kl_forward(ctx, run_pass, x_NH, xt_NHt, w_VH, wt_VHt, mask, T: float, reduction: str):
-    """Shared ``forward`` of the autograd Functions (``run_pass``: the chunked torch or Triton pass).
-
-    "mean"/"sum": the gradients are computed here and saved. "none": only the losses; backward
-    re-runs the pass with ``grad_output`` as row weights (it cannot be folded into a saved dW)."""
-    want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    N = x_NH.shape[0]
-    ctx.reduction, ctx.T, ctx.wants = reduction, T, (want_dx, want_dw)
-    if reduction == "none":
-        row_w = _row_weights(mask, N, "sum", x_NH.device)
-        loss_N, _, _ = run_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w, T, False, False)
-        ctx.save_for_backward(x_NH, xt_NHt, w_VH, wt_VHt, row_w)
-        return loss_N * row_w
-    row_w = _row_weights(mask, N, reduction, x_NH.device)
-    loss_N, dx, dw = run_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w, T, want_dx, want_dw)
-    ctx.save_for_backward(dx, None if dw is None else dw.to(w_VH.dtype))
-    return (loss_N * row_w).sum()
-
-
-def linear_kl_backward(ctx, run_pass, grad_out):
-    """Shared ``backward``: a scale of the saved gradients, skipped when ``grad_output`` is exactly 1
-    (checked on CPU only: on an accelerator the comparison would be a host sync, which costs more
-    than the scale)."""
-    want_dx, want_dw = ctx.wants
-    if ctx.reduction == "none":
-        x_NH, xt_NHt, w_VH, wt_VHt, row_w = ctx.saved_tensors
-        _, dx, dw = run_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w * grad_out.float(), ctx.T,
-                             want_dx, want_dw)
-        return dx, None, None if dw is None else dw.to(w_VH.dtype), None, None, None, None
-    dx, dw = ctx.saved_tensors
-    if not (grad_out.device.type == "cpu" and bool(grad_out == 1)):
-        dx = None if dx is None else dx * grad_out.to(dx.dtype)
-        dw = None if dw is None else dw * grad_out.to(dw.dtype)
-    return dx, None, dw, None, None, None, None
+        want_dx, want_dw = ctx.wants
+        if ctx.reduction == "none":
+            x_NH, xt_NHt, w_VH, wt_VHt, row_w = ctx.saved_tensors
+            _, dx, dw = ctx.run_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w * grad_out.float(), ctx.T,
+                                     want_dx, want_dw)
+            return None, dx, None, None if dw is None else dw.to(w_VH.dtype), None, None, None, None
+        dx, dw = ctx.saved_tensors
+        if not (grad_out.device.type == "cpu" and bool(grad_out == 1)):
+            dx = None if dx is None else dx * grad_out.to(dx.dtype)
+            dw = None if dw is None else dw * grad_out.to(dw.dtype)
+        return None, dx, None, dw, None, None, None, None
 
 
 def linear_kl_chunked(x_NH: torch.Tensor, xt_NHt: torch.Tensor, w_VH: torch.Tensor,
                     wt_VHt: torch.Tensor, mask: torch.Tensor | None, temperature: float,
                     reduction: str) -> torch.Tensor:
     """The chunked-PyTorch path (arguments already checked; teacher tensors detached)."""
-    return _LinearKLTorch.apply(x_NH, xt_NHt, w_VH, wt_VHt, mask, float(temperature), reduction)
+    return LinearKLFunction.apply(_chunked_pass, x_NH, xt_NHt, w_VH, wt_VHt, mask,
+                                  float(temperature), reduction)
