@@ -141,6 +141,13 @@ class TrainConfig:
         return self.method.startswith("rule_distill")
 
     @property
+    def torch_dtype(self) -> Any:
+        """The parameter dtype that ``precision`` names."""
+        import torch
+
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    @property
     def teacher_mode(self) -> str:
         """How the teacher pass sees the weights (see :class:`rdcore.distill.RuleDistillModule`)."""
         if self.finetune == "full":

@@ -157,8 +157,8 @@ class Stage:
 
 
 def _adapter_state(full_sd: dict[str, torch.Tensor], adapter: str) -> dict[str, torch.Tensor]:
-    """The PEFT adapter state dict (keys without the adapter name) from a consolidated state dict
-    of the RuleDistillModule."""
+    """The PEFT adapter state dict (keys without the adapter name) from RuleDistillModule
+    parameter names (a gathered subset or a consolidated state dict)."""
     out = {}
     marker = f".{adapter}."
     for key, value in full_sd.items():
@@ -167,19 +167,35 @@ def _adapter_state(full_sd: dict[str, torch.Tensor], adapter: str) -> dict[str, 
     return out
 
 
+def _student_adapter(engine: Any) -> dict[str, torch.Tensor] | None:
+    """The student adapter's PEFT state dict on rank 0 (``None`` elsewhere), gathering only the
+    adapter's parameters, not the model. Call on every rank."""
+    got = eng.gathered_params(engine, lambda n: "lora_" in n and f".{STUDENT}." in n)
+    return None if got is None else _adapter_state(got, STUDENT)
+
+
 def _export(stage: Stage, engine: Any, model: Any, tokenizer: Any, out: Path, rank: int) -> None:
-    """Consolidate the shards (every rank) and write the adapter / final model (rank 0)."""
+    """Gather what is exported (every rank) and write the adapter / final model (rank 0). LoRA
+    gathers only the adapter; full fine-tuning consolidates the model, and only for ``final/``."""
     cfg = stage.cfg
-    full_sd = eng.consolidated_state_dict(engine)
+    write_final = stage.final and cfg.save_model
+    if cfg.finetune == "lora":
+        if stage.export_adapter is None and not write_final:
+            return
+        adapter = _student_adapter(engine)
+    else:
+        if not write_final:
+            return
+        full_sd = eng.consolidated_state_dict(engine)
     if stage.export_adapter is not None:
         if rank == 0:
             from safetensors.torch import save_file
 
             tmp = stage.export_adapter.with_suffix(".tmp")
-            save_file(_adapter_state(full_sd, STUDENT), str(tmp))
+            save_file(adapter, str(tmp))
             os.replace(tmp, stage.export_adapter)
         eng.barrier()
-    if not (stage.final and cfg.save_model):
+    if not write_final:
         return
     if rank == 0:
         final = out / "final"
@@ -188,10 +204,9 @@ def _export(stage: Stage, engine: Any, model: Any, tokenizer: Any, out: Path, ra
         if cfg.finetune == "lora":
             from peft import set_peft_model_state_dict
 
-            dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-            base, _ = load_model(cfg.model, dtype=dtype, seed=cfg.seed)
+            base, _ = load_model(cfg.model, dtype=cfg.torch_dtype, seed=cfg.seed)
             fresh = add_lora(base, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
-            set_peft_model_state_dict(fresh, _adapter_state(full_sd, STUDENT), adapter_name=STUDENT)
+            set_peft_model_state_dict(fresh, adapter, adapter_name=STUDENT)
             fresh.save_pretrained(tmp / "adapter", selected_adapters=[STUDENT])
             merged = fresh.merge_and_unload()
             merged.save_pretrained(tmp, safe_serialization=True)
@@ -212,8 +227,7 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
     if done_marker.is_file() and (stage.export_adapter is None or stage.export_adapter.is_file()):
         log.info("stage %s already complete", stage.name)
         return
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    model, tokenizer = load_model(cfg.model, dtype=dtype, seed=cfg.seed)
+    model, tokenizer = load_model(cfg.model, dtype=cfg.torch_dtype, seed=cfg.seed)
     if cfg.finetune == "lora":
         model = add_lora(model, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
                          stage.teacher_state)
@@ -260,13 +274,9 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
 
         bar = tqdm(total=total, initial=start, desc=stage.name, unit="step", dynamic_ncols=True)
 
-    def adapter() -> dict[str, torch.Tensor] | None:
-        got = eng.gathered_params(engine, lambda n: "lora_" in n and f".{STUDENT}." in n)
-        return None if got is None else _adapter_state(got, STUDENT)
-
     def checkpoint(at: int) -> None:
         eng.save_checkpoint(engine, ckpt_dir, at, {"step": at, "world_size": world},
-                            adapter if cfg.finetune == "lora" else None)
+                            (lambda: _student_adapter(engine)) if cfg.finetune == "lora" else None)
 
     for step in range(start, total):
         global_batch = schedule[step]
