@@ -77,6 +77,16 @@ class TrainConfig:
     """Weight of the normalised hidden-state MSE (the paper's default; its script uses 10000)."""
     alpha: float = 0.0
     """Weight of the hard-label CE added to distillation (the paper: 0)."""
+    prefix_cache: bool = True
+    """Teacher pass: compute the rule prefix's K/V once (per run with a frozen LoRA teacher, per
+    optimizer step with full fine-tuning) and read it with shared-prefix attention instead of
+    running the prefix for every row (see rdcore.prefix_attention). Off: the plain teacher pass."""
+    teacher_cache: bool = True
+    """With a frozen teacher (LoRA): keep the teacher's hidden states at the distilled tokens after
+    their first computation (shared by all ranks) and skip the teacher pass when a step's examples
+    are all cached (from the second epoch on). Not used with full fine-tuning (live teacher)."""
+    teacher_cache_gb: float = 8.0
+    """CPU memory cap of the teacher-target cache per rank (GiB); beyond it nothing more is cached."""
     precision: str = "fp32"
     """Parameter/compute precision: fp32 (CPU, exact tests) or bf16."""
     seed: int = 0
@@ -129,6 +139,7 @@ class TrainConfig:
                      "weight_decay", "stage1_epochs"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.teacher_cache_gb >= 0, f"teacher_cache_gb must be >= 0, got {self.teacher_cache_gb}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         ds_path = Path(self.ds_config)
         repo_copy = Path(__file__).resolve().parent.parent / ds_path

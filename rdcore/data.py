@@ -500,7 +500,7 @@ def _pad(seqs: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, t
 
 
 def collate(batch: Sequence[EncodedExample], pad_id: int, padding_side: str = "right",
-            ignore_index: int = -100) -> dict[str, torch.Tensor]:
+            ignore_index: int = -100, prefix_len: int = 0) -> dict[str, torch.Tensor]:
     """Pad a batch and index the distilled positions.
 
     Returns, with B = batch size, T_t/T_s the padded lengths and N = total response tokens:
@@ -510,6 +510,11 @@ def collate(batch: Sequence[EncodedExample], pad_id: int, padding_side: str = "r
     ``{teacher,student}_distill_index`` [N] flat indices into B·T of the positions that predict the
     response tokens (same order on both sides: row ``n`` of one matches row ``n`` of the other), and
     ``target_ids`` [N], the response tokens they predict.
+
+    With ``prefix_len`` P > 0 (the shared rule prefix, see :attr:`EncodedDataset.rule_prefix_len`)
+    also the teacher sequences without it, for the rule-prefix cache: ``teacher_suffix_input_ids``,
+    ``…_attention_mask``, ``…_position_ids`` (P at the first suffix token) [B, S] and
+    ``teacher_suffix_distill_index`` [N] (flat indices into B·S, same row order).
     """
     if padding_side not in ("left", "right"):
         raise DataError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -533,4 +538,18 @@ def collate(batch: Sequence[EncodedExample], pad_id: int, padding_side: str = "r
                 labels[b, s: s + e.response_len] = ids_BT[b, s: s + e.response_len]
             out["student_labels"] = labels
     out["target_ids"] = torch.tensor([t for e in batch for t in e.response_ids], dtype=torch.long)
+    if prefix_len > 0:
+        head = batch[0].teacher_ids[:prefix_len]
+        if any(e.teacher_ids[:prefix_len] != head or prefix_len >= e.teacher_response_start
+               for e in batch):
+            raise DataError(f"prefix_len {prefix_len} is not a rule prefix shared by every row")
+        ids_BS, mask_BS, offsets = _pad([e.teacher_ids[prefix_len:] for e in batch], pad_id,
+                                        padding_side)
+        S = ids_BS.shape[1]
+        out["teacher_suffix_input_ids"] = ids_BS
+        out["teacher_suffix_attention_mask"] = mask_BS
+        out["teacher_suffix_position_ids"] = prefix_len + (mask_BS.cumsum(-1) - 1).clamp_min(0)
+        out["teacher_suffix_distill_index"] = torch.tensor(
+            [b * S + offsets[b] + p - prefix_len for b, e in enumerate(batch)
+             for p in e.distill_positions("teacher")], dtype=torch.long)
     return out

@@ -29,6 +29,7 @@ from torch import nn
 from kernels import fused_linear_kl, normalized_hidden_mse
 from rdcore import ConfigError
 from rdcore.losses import ce_rows
+from rdcore.prefix_attention import PrefixKV, install, run_with_prefix
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 STUDENT, TEACHER = "student", "teacher"
@@ -129,6 +130,36 @@ def _rows(h_BTH: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
     return h_BTH.reshape(-1, h_BTH.shape[-1]).index_select(0, index_N)
 
 
+class TeacherTargets:
+    """The frozen teacher's outputs at the distilled rows, per example: ``[L + 1, n_i, H]`` (the L
+    matched hidden states, then the last hidden state, from which the fused kernel recomputes the
+    teacher logits). Held in CPU memory up to ``max_bytes``; beyond it nothing more is added."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.store: dict[int, torch.Tensor] = {}
+        self.nbytes = 0
+        self.full = False
+
+    def has_all(self, ids: list[int]) -> bool:
+        return all(i in self.store for i in ids)
+
+    def get(self, ids: list[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return torch.cat([self.store[i] for i in ids], dim=1).to(device=device, dtype=dtype)
+
+    def put(self, ids: list[int], rows: list[int], states_LNH: torch.Tensor) -> None:
+        """Add examples ``ids`` whose ``rows[j]`` consecutive rows of ``states_LNH`` are theirs."""
+        for i, part in zip(ids, states_LNH.split(rows, dim=1)):
+            if i in self.store:
+                continue
+            size = part.numel() * part.element_size()
+            if self.nbytes + size > self.max_bytes:
+                self.full = True
+                return
+            self.store[i] = part.detach().to("cpu", copy=True)
+            self.nbytes += size
+
+
 class RuleDistillModule(nn.Module):
     """Teacher/student passes and the loss for one micro-batch.
 
@@ -139,7 +170,8 @@ class RuleDistillModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, method: str, teacher_mode: str = "live",
-                 temperature: float = 1.0, beta: float = 10.0, alpha: float = 0.0):
+                 temperature: float = 1.0, beta: float = 10.0, alpha: float = 0.0,
+                 rule_prefix_ids: list[int] | None = None, teacher_cache_bytes: int = 0):
         super().__init__()
         self.model = model
         self.method = method
@@ -148,6 +180,29 @@ class RuleDistillModule(nn.Module):
         self.beta = beta
         self.alpha = alpha
         self.kl_head = FusedKLHead(causal_lm(model).lm_head)
+        # Rule-prefix K/V cache (distillation only). Valid for the whole run when the teacher is
+        # frozen; the trainer invalidates it after every optimizer step when it is the live model.
+        self.prefix: PrefixKV | None = None
+        if rule_prefix_ids and method.startswith("rule_distill"):
+            install(model)
+            self.register_buffer("prefix_ids", torch.tensor(rule_prefix_ids, dtype=torch.long),
+                                 persistent=False)
+            self.prefix = PrefixKV(len(rule_prefix_ids))
+        # Teacher-target cache: only for a frozen teacher (its outputs never change).
+        self.targets: TeacherTargets | None = None
+        if teacher_cache_bytes > 0 and method.startswith("rule_distill"):
+            if teacher_mode == "live":
+                raise ConfigError("the teacher-target cache needs a frozen teacher (LoRA); with full "
+                                  "fine-tuning the teacher is the live model")
+            self.targets = TeacherTargets(teacher_cache_bytes)
+        self.teacher_from_cache = False
+        """Set by the trainer (the same on every rank): take this batch's teacher from the cache."""
+        self.last_targets: tuple[list[int], list[int], torch.Tensor] | None = None
+        """(example ids, rows per example, [L+1, N, H]) of the last computed teacher pass."""
+        self.counters = {"teacher_passes": 0, "teacher_cached": 0, "teacher_tokens": 0,
+                         "prefix_builds": 0}
+        """Work done by the teacher: passes run / taken from the cache, token positions it ran
+        (padding included), rule-prefix K/V computations."""
 
     def _decoder(self, batch: dict[str, torch.Tensor], side: str, hidden: bool) -> Any:
         return causal_lm(self.model).model(
@@ -171,15 +226,7 @@ class RuleDistillModule(nn.Module):
             stats["ce"] = ce.detach()
             return ce * scale, stats
 
-        was_training = self.model.training
-        self.model.eval()  # teacher: no dropout
-        with torch.no_grad(), teacher_adapter(self.model, self.teacher_mode):
-            t_out = self._decoder(batch, "teacher", hidden=True)
-            t_idx = batch["teacher_distill_index"]
-            t_states = [_rows(h, t_idx) for h in t_out.hidden_states[:-1]]
-            t_last = _rows(t_out.last_hidden_state, t_idx)
-            del t_out
-        self.model.train(was_training)
+        t_states, t_last = self._teacher(batch)
 
         s_out = self._decoder(batch, "student", hidden=True)
         s_idx = batch["student_distill_index"]
@@ -198,3 +245,45 @@ class RuleDistillModule(nn.Module):
             loss = loss + self.alpha * ce
             stats["ce"] = ce.detach()
         return loss * scale, stats
+
+    @torch.no_grad()
+    def _teacher(self, batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The teacher's hidden states at the distilled rows: (L matched states, last state)."""
+        ids = batch["example_ids"].tolist() if "example_ids" in batch else None
+        if self.teacher_from_cache:
+            if self.targets is None or ids is None or not self.targets.has_all(ids):
+                raise RuntimeError("teacher_from_cache set but the batch's targets are not cached")
+            dev, dtype = batch["teacher_input_ids"].device, self.kl_head.weight.dtype
+            states = self.targets.get(ids, dev, dtype)
+            self.last_targets = None
+            self.counters["teacher_cached"] += 1
+            return list(states[:-1].unbind(0)), states[-1]
+        was_training = self.model.training
+        self.model.eval()  # teacher: no dropout
+        with teacher_adapter(self.model, self.teacher_mode):
+            self.counters["teacher_passes"] += 1
+            if self.prefix is not None:
+                suffix_tokens = batch["teacher_suffix_input_ids"].numel()
+                if not self.prefix.valid:
+                    self.counters["prefix_builds"] += 1
+                    suffix_tokens += self.prefix.length
+                self.counters["teacher_tokens"] += suffix_tokens
+                last, hidden = run_with_prefix(
+                    causal_lm(self.model).model, self.prefix, self.prefix_ids,
+                    batch["teacher_suffix_input_ids"], batch["teacher_suffix_attention_mask"],
+                    batch["teacher_suffix_position_ids"])
+                t_idx = batch["teacher_suffix_distill_index"]
+            else:
+                self.counters["teacher_tokens"] += batch["teacher_input_ids"].numel()
+                out = self._decoder(batch, "teacher", hidden=True)
+                last, hidden = out.last_hidden_state, out.hidden_states
+                t_idx = batch["teacher_distill_index"]
+            t_states = [_rows(h, t_idx) for h in hidden[:-1]]
+            t_last = _rows(last, t_idx)
+        self.model.train(was_training)
+        self.last_targets = None
+        if self.targets is not None and ids is not None:
+            rows = batch["rows_per_example"].tolist()
+            self.last_targets = (ids, rows, torch.stack([*t_states, t_last]))
+            self.targets.put(*self.last_targets)
+        return t_states, t_last

@@ -1,6 +1,6 @@
 """DeepSpeed glue: the only module of rdcore that imports ``deepspeed``.
 
-* :func:`init_distributed` — gloo on CPU, NCCL on CUDA.
+* :func:`init_distributed` — gloo on CPU, NCCL on CUDA; :func:`shutdown` ends it cleanly.
 * :func:`build_engine` — fills a DeepSpeed JSON config from :class:`~rdcore.config.TrainConfig`
   (batch sizes, AdamW settings; ``torch_adam`` on CPU so nothing is JIT-compiled) and initialises
   ZeRO.
@@ -37,6 +37,22 @@ def init_distributed() -> tuple[int, int]:
         if not torch.cuda.is_available():
             atexit.register(remove_shm_buffers, dist.get_rank())
     return dist.get_rank(), dist.get_world_size()
+
+
+def shutdown(wait_for_peers: bool = True) -> None:
+    """End the process group before the interpreter exits.
+
+    Without it, gloo's worker threads are torn down during interpreter finalisation, which now and
+    then aborts a rank that had finished ("terminate called without an active exception", exit
+    -6). ``wait_for_peers`` (a successful finish) meets the other ranks at a barrier first; on an
+    error path a rank must not wait for peers that may never arrive, so it leaves at once."""
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        if wait_for_peers:
+            dist.barrier()
+        torch.distributed.destroy_process_group()
+        if not torch.cuda.is_available():
+            remove_shm_buffers(rank)
 
 
 def remove_shm_buffers(rank: int) -> None:
@@ -133,6 +149,34 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank."""
     return all_reduce_sum([1.0 if flag else 0.0])[0] > 0
+
+
+def all_gather_rows(ids: list[int], rows: list[int], states_LNH: torch.Tensor
+                    ) -> list[tuple[list[int], list[int], torch.Tensor]]:
+    """Every rank's ``(example ids, rows per example, [L, N, H] states)``, on every rank (for the
+    teacher-target cache; N may differ between ranks). Call on every rank."""
+    world = dist.get_world_size()
+    device = states_LNH.device if torch.cuda.is_available() else torch.device("cpu")
+    meta = torch.tensor([len(ids), states_LNH.shape[1]], dtype=torch.long, device=device)
+    metas = [torch.zeros_like(meta) for _ in range(world)]
+    dist.all_gather(metas, meta)
+    max_b = max(int(m[0]) for m in metas)
+    max_n = max(int(m[1]) for m in metas)
+    L, N, H = states_LNH.shape
+    head = torch.full((2, max_b), -1, dtype=torch.long, device=device)
+    head[0, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    head[1, : len(rows)] = torch.tensor(rows, dtype=torch.long)
+    body = torch.zeros((L, max_n, H), dtype=states_LNH.dtype, device=device)
+    body[:, :N] = states_LNH.to(device)
+    heads = [torch.empty_like(head) for _ in range(world)]
+    bodies = [torch.empty_like(body) for _ in range(world)]
+    dist.all_gather(heads, head)
+    dist.all_gather(bodies, body)
+    out = []
+    for m, h, b in zip(metas, heads, bodies):
+        nb, nn = int(m[0]), int(m[1])
+        out.append((h[0, :nb].tolist(), h[1, :nb].tolist(), b[:, :nn]))
+    return out
 
 
 def barrier() -> None:

@@ -57,7 +57,7 @@ from rdcore.models import load_model
 log = logging.getLogger("rdcore.train")
 
 RESUMABLE_FIELDS = {"resume", "overwrite", "stop_at_step", "save_every", "tensorboard", "output_dir",
-                    "save_model"}
+                    "save_model", "prefix_cache", "teacher_cache", "teacher_cache_gb"}
 """Fields that may differ between a run and its resumption."""
 
 
@@ -236,8 +236,16 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
              cfg.method, cfg.finetune, len(data), data.rule_prefix_len, cfg.template)
     schedule = step_schedule(len(data), cfg, world)
     total = len(schedule)
-    module = RuleDistillModule(model, cfg.method, cfg.teacher_mode, cfg.temperature, cfg.beta,
-                               cfg.alpha)
+    use_prefix = cfg.prefix_cache and cfg.distill and data.rule_prefix_len > 0
+    use_targets = cfg.teacher_cache and cfg.distill and cfg.teacher_mode != "live"
+    module = RuleDistillModule(
+        model, cfg.method, cfg.teacher_mode, cfg.temperature, cfg.beta, cfg.alpha,
+        rule_prefix_ids=data.rule_prefix_ids if use_prefix else None,
+        teacher_cache_bytes=int(cfg.teacher_cache_gb * 2**30) if use_targets else 0)
+    if cfg.distill:
+        log.info("[%s] teacher: rule-prefix cache %s, teacher-target cache %s", stage.name,
+                 f"on ({data.rule_prefix_len} tokens)" if use_prefix else "off",
+                 "on" if use_targets else "off (live teacher)" if cfg.teacher_cache else "off")
     engine = eng.build_engine(module, cfg, world, lr_lambda_for(cfg, total))
     shard = eng.partition_stats(engine.module)
     trainable = sum(p.numel() if not hasattr(p, "ds_numel") else p.ds_numel
@@ -284,10 +292,21 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
         scale = world * cfg.grad_accum / max(global_tokens, 1)
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
+        if module.prefix is not None and cfg.teacher_mode == "live":
+            module.prefix.invalidate()  # the weights changed: recompute the prefix once this step
         for mb in micro_batches(global_batch, cfg, world, rank):
-            batch = collate([data[i] for i, _ in mb], pad_id)
+            ids = [i for i, _ in mb]
+            batch = collate([data[i] for i in ids], pad_id,
+                            prefix_len=data.rule_prefix_len if use_prefix else 0)
+            batch["example_ids"] = torch.tensor(ids, dtype=torch.long)
+            batch["rows_per_example"] = torch.tensor([data[i].response_len for i in ids])
             row_w = torch.cat([torch.full((data[i].response_len,), w) for i, w in mb])
+            if module.targets is not None:  # skip the teacher only if every rank can (ZeRO-3)
+                module.teacher_from_cache = not eng.any_rank(not module.targets.has_all(ids))
             loss, stats = engine(batch, row_w, scale)
+            if module.last_targets is not None and world > 1:  # share what this pass computed
+                for shared in eng.all_gather_rows(*module.last_targets):
+                    module.targets.put(*shared)
             if eng.any_rank(not bool(torch.isfinite(loss))):
                 kept = eng.latest_complete(ckpt_dir) if ckpt_dir.is_dir() else None
                 raise TrainingError(f"[{stage.name}] non-finite loss at step {step + 1}; stopped "
@@ -305,6 +324,8 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
         row = {"stage": stage.name, "step": step + 1, "loss": total_loss, **terms,
                "tokens": global_tokens, "lr": engine.get_lr()[0],
                "step_time_s": time.perf_counter() - t0}
+        if cfg.distill:  # this rank's teacher work so far
+            row.update({f"rank0_{k}": v for k, v in module.counters.items()})
         if rank == 0:
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -327,6 +348,11 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
             checkpoint(step + 1)
     if bar is not None:
         bar.close()
+    if cfg.distill:
+        c = module.counters
+        log.info("[%s] teacher on rank %d: %d passes run, %d taken from the teacher-target cache, "
+                 "%d token positions, rule prefix computed %d times", stage.name, rank,
+                 c["teacher_passes"], c["teacher_cached"], c["teacher_tokens"], c["prefix_builds"])
     if writer is not None:
         writer.close()
     if start < total:
@@ -361,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- close ---------------------------------------------------------------------------------
     log.info("done in %.1fs; outputs in %s", time.perf_counter() - t_start, out)
+    eng.shutdown()
     return 0
 
 
@@ -370,6 +397,7 @@ def cli() -> int:
         return main()
     except RdcoreError as err:
         print(f"rdcore: error: {err}", file=sys.stderr)
+        eng.shutdown(wait_for_peers=False)
         return 2
 
 

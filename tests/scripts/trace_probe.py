@@ -55,6 +55,7 @@ def main(mode: str, ds_config: str, steps: int) -> None:
         engine.backward(loss)
         engine.step()
         print(f"probe step {step + 1} done", flush=True)
+    eng.shutdown()
 
 
 if __name__ == "__main__":

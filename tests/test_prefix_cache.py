@@ -1,0 +1,175 @@
+"""Rule-prefix cache and teacher-target cache without DeepSpeed: the teacher's hidden states and
+distilled-row logits with the cache equal those of the plain teacher pass."""
+
+import pytest
+import torch
+
+from rdcore.data import Encoder, RuleExample, collate, load_task
+from rdcore.distill import RuleDistillModule, causal_lm
+from rdcore.models import load_model
+from rdcore.prefix_attention import PrefixKV, cascade_attention, run_with_prefix
+
+DTYPE_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def plain_teacher(model, batch):
+    with torch.no_grad():
+        out = causal_lm(model).model(
+            input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
+            position_ids=batch["teacher_position_ids"], output_hidden_states=True, use_cache=False)
+    idx = batch["teacher_distill_index"]
+    return [h.reshape(-1, h.shape[-1])[idx] for h in out.hidden_states]
+
+
+def cached_teacher(model, batch, cache, prefix_ids):
+    with torch.no_grad():
+        _, hidden = run_with_prefix(causal_lm(model).model, cache, torch.tensor(prefix_ids),
+                                    batch["teacher_suffix_input_ids"],
+                                    batch["teacher_suffix_attention_mask"],
+                                    batch["teacher_suffix_position_ids"])
+    idx = batch["teacher_suffix_distill_index"]
+    return [h.reshape(-1, h.shape[-1])[idx] for h in hidden]
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def mid_word_data(tok):
+    """Rules that share a prefix ending inside a word ("…the opera" + "tor" / "tion")."""
+    rows = [RuleExample(rule=f"The opera{tail} @@@ adds its operands plus one.", context="",
+                        input=f"{a} @@@ {b}", output=str(a + b + 1), source="test")
+            for tail, a, b in [("tor", 3, 4), ("tion", 10, 25), ("tor", 7, 1), ("tion", 120, 5),
+                               ("tor", 2, 2), ("tion", 61, 9), ("tor", 8, 33), ("tion", 4, 400)]]
+    return Encoder(tok).encode(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_cached_teacher_equals_plain(side, dtype):
+    model, tok = load_model("tiny", seed=11, dtype=dtype)
+    model.eval()
+    from rdcore.prefix_attention import install
+
+    install(model)
+    for data in (Encoder(tok).encode(load_task("math", "train", 8)), mid_word_data(tok)):
+        P = data.rule_prefix_len
+        assert P > 0
+        prefix_ids = data.rule_prefix_ids
+        cache = PrefixKV(P)
+        for bsz in range(1, 9):
+            batch = collate(data.examples[:bsz], tok.pad_token_id, padding_side=side, prefix_len=P)
+            plain = plain_teacher(model, batch)
+            building = not cache.valid
+            got = cached_teacher(model, batch, cache, prefix_ids)
+            assert cache.valid and len(cache.keys) == model.config.num_hidden_layers
+            lm = causal_lm(model).lm_head
+            # logits at the distilled rows, compared in fp32 (both from the same weight)
+            want_logits, got_logits = lm(plain[-1]).float(), lm(got[-1]).float()
+            tol = DTYPE_TOL[dtype]
+            if dtype == torch.bfloat16:  # bf16 noise: compare against an fp32 model
+                tol = 5 * max(rel_err(plain[-1], plain_fp32(side, bsz, data)) , 1e-3)
+            for layer, (a, b) in enumerate(zip(got, plain)):
+                assert rel_err(a, b) <= tol, (bsz, layer, building, rel_err(a, b))
+            assert rel_err(got_logits, want_logits) <= tol
+
+
+_FP32 = {}
+
+
+def plain_fp32(side, bsz, data):
+    if "model" not in _FP32:
+        _FP32["model"] = load_model("tiny", seed=11, dtype=torch.float32)
+    model, tok = _FP32["model"]
+    batch = collate(data.examples[:bsz], tok.pad_token_id, padding_side=side,
+                    prefix_len=data.rule_prefix_len)
+    return plain_teacher(model, batch)[-1]
+
+
+def test_prefix_memory_does_not_grow_with_batch():
+    model, tok = load_model("tiny", seed=2)
+    model.eval()
+    from rdcore.prefix_attention import install
+
+    install(model)
+    data = Encoder(tok).encode(load_task("math", "train", 8))
+    sizes = []
+    for bsz in (1, 8):
+        cache = PrefixKV(data.rule_prefix_len)
+        batch = collate(data.examples[:bsz], tok.pad_token_id, prefix_len=data.rule_prefix_len)
+        cached_teacher(model, batch, cache, data.rule_prefix_ids)
+        sizes.append(cache.nbytes())
+        k = cache.keys[0]
+        assert k.shape == (model.config.num_key_value_heads, data.rule_prefix_len,
+                           model.config.hidden_size // model.config.num_attention_heads)
+    assert sizes[0] == sizes[1] > 0
+
+
+def test_cascade_attention_matches_full_attention_gqa():
+    torch.manual_seed(0)
+    B, Hq, Hkv, P, S, D = 3, 6, 2, 7, 5, 4
+    q = torch.randn(B, Hq, S, D, dtype=torch.float64)
+    k, v = torch.randn(B, Hkv, S, D, dtype=torch.float64), torch.randn(B, Hkv, S, D, dtype=torch.float64)
+    kp, vp = torch.randn(Hkv, P, D, dtype=torch.float64), torch.randn(Hkv, P, D, dtype=torch.float64)
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[1, :2] = False  # left padding
+    mask[2, 4:] = False  # right padding
+    got = cascade_attention(q, k, v, kp, vp, mask, 0.5)
+    for b in range(B):
+        kk = torch.cat([kp, k[b]], 1).repeat_interleave(Hq // Hkv, 0)
+        vv = torch.cat([vp, v[b]], 1).repeat_interleave(Hq // Hkv, 0)
+        s = q[b] @ kk.transpose(1, 2) * 0.5
+        allowed = torch.cat([torch.ones(S, P, dtype=torch.bool),
+                             torch.ones(S, S, dtype=torch.bool).tril() & mask[b][None]], 1)
+        want = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ vv
+        real = mask[b]
+        torch.testing.assert_close(got[b][:, real], want[:, real])
+        assert torch.isfinite(got[b]).all()  # pad queries too (they see the prefix)
+
+
+def test_collate_rejects_a_prefix_that_is_not_shared():
+    _, tok = load_model("tiny", seed=2)
+    data = Encoder(tok).encode(load_task("math", "train", 8))
+    from rdcore import DataError
+
+    with pytest.raises(DataError, match="not a rule prefix"):
+        collate(data.examples[:2], tok.pad_token_id, prefix_len=data.rule_prefix_len + 1)
+
+
+@pytest.mark.parametrize("mode", ["live", "disabled"])
+def test_module_loss_with_caches_equals_without(mode):
+    """RuleDistillModule: prefix cache (build then use) and teacher-target cache give the plain
+    loss and gradients."""
+    from rdcore.distill import add_lora, lora_config
+
+    model, tok = load_model("tiny", seed=4, dtype=torch.float64)  # exact math, no fp32 noise
+    if mode == "disabled":
+        model = add_lora(model, lora_config(4, 8, 0.0))
+    data = Encoder(tok).encode(load_task("math", "train", 8))
+    P = data.rule_prefix_len
+    plain = RuleDistillModule(model, "rule_distill_base", mode, beta=5.0)
+    cached = RuleDistillModule(model, "rule_distill_base", mode, beta=5.0,
+                               rule_prefix_ids=data.rule_prefix_ids,
+                               teacher_cache_bytes=0 if mode == "live" else 2**30)
+    for start in (0, 3, 0):  # the second batch uses the prefix; the third is fully cached
+        exs = data.examples[start: start + 3]
+        ids = list(range(start, start + 3))
+        batch = collate(exs, tok.pad_token_id, prefix_len=P)
+        batch["example_ids"] = torch.tensor(ids)
+        batch["rows_per_example"] = torch.tensor([e.response_len for e in exs])
+        w = torch.ones(sum(e.response_len for e in exs))
+        if cached.targets is not None:
+            cached.teacher_from_cache = cached.targets.has_all(ids)
+        results = []
+        for m in (plain, cached):
+            model.zero_grad()
+            loss, _ = m(batch, w, 1.0)
+            loss.backward()
+            grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+            results.append((loss.detach(), grads))
+        assert results[1][0] == pytest.approx(results[0][0].item(), rel=1e-10)
+        for a, b in zip(results[1][1], results[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+    assert cached.prefix.valid
+    if mode == "disabled":
+        assert cached.teacher_from_cache and len(cached.targets.store) == 6
