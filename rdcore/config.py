@@ -85,6 +85,10 @@ class TrainConfig:
     """With a frozen teacher (LoRA): keep the teacher's hidden states at the distilled tokens after
     their first computation (shared by all ranks) and skip the teacher pass when a step's examples
     are all cached (from the second epoch on). Not used with full fine-tuning (live teacher)."""
+    interleave: bool = True
+    """Run teacher and student through each decoder layer in turn (one ZeRO-3 parameter gather
+    serves both passes) instead of a whole teacher pass then a whole student pass. Llama-family
+    models only; other architectures use the sequential passes (logged)."""
     teacher_cache_gb: float = 8.0
     """CPU memory cap of the teacher-target cache per rank (GiB); beyond it nothing more is cached."""
     precision: str = "fp32"

@@ -29,7 +29,14 @@ from torch import nn
 from kernels import fused_linear_kl, normalized_hidden_mse
 from rdcore import ConfigError
 from rdcore.losses import ce_rows
-from rdcore.prefix_attention import PrefixKV, install, run_with_prefix
+from rdcore.prefix_attention import (
+    PrefixKV,
+    active,
+    finish,
+    install,
+    suffix_rows,
+    teacher_inputs,
+)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 STUDENT, TEACHER = "student", "teacher"
@@ -79,7 +86,8 @@ def _activate(model: nn.Module, adapter: str) -> None:
 
 @contextlib.contextmanager
 def teacher_adapter(model: nn.Module, mode: str) -> Iterator[None]:
-    """``mode``: "teacher" (the frozen teacher adapter), "disabled" (the base model), "live"."""
+    """``mode``: "teacher" (the frozen teacher adapter), "disabled" (the base model), "live".
+    ``model`` may also be a part of the model (one decoder layer): only its adapters switch."""
     if mode == "live":
         yield
         return
@@ -94,11 +102,27 @@ def teacher_adapter(model: nn.Module, mode: str) -> Iterator[None]:
             for layer, was in zip(layers, before):
                 layer._disable_adapters = was
         return
-    _activate(model, TEACHER)
+    for layer in layers:
+        layer._active_adapter = TEACHER
     try:
         yield
     finally:
-        _activate(model, STUDENT)
+        for layer in layers:
+            layer._active_adapter = STUDENT
+
+
+@contextlib.contextmanager
+def teacher_view(part: nn.Module, mode: str) -> Iterator[None]:
+    """The teacher's view of ``part`` (a model or one of its modules): no gradients, eval mode (no
+    dropout), the teacher's adapter."""
+    was = [(m, m.training) for m in part.modules()]
+    part.train(False)
+    try:
+        with torch.no_grad(), teacher_adapter(part, mode):
+            yield
+    finally:
+        for m, training in was:
+            m.training = training
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -171,7 +195,8 @@ class RuleDistillModule(nn.Module):
 
     def __init__(self, model: nn.Module, method: str, teacher_mode: str = "live",
                  temperature: float = 1.0, beta: float = 10.0, alpha: float = 0.0,
-                 rule_prefix_ids: list[int] | None = None, teacher_cache_bytes: int = 0):
+                 rule_prefix_ids: list[int] | None = None, teacher_cache_bytes: int = 0,
+                 interleave: bool = False):
         super().__init__()
         self.model = model
         self.method = method
@@ -180,6 +205,9 @@ class RuleDistillModule(nn.Module):
         self.beta = beta
         self.alpha = alpha
         self.kl_head = FusedKLHead(causal_lm(model).lm_head)
+        self.interleave = interleave and method.startswith("rule_distill")
+        if self.interleave:
+            check_interleavable(model)
         # Rule-prefix K/V cache (distillation only). Valid for the whole run when the teacher is
         # frozen; the trainer invalidates it after every optimizer step when it is the live model.
         self.prefix: PrefixKV | None = None
@@ -226,14 +254,17 @@ class RuleDistillModule(nn.Module):
             stats["ce"] = ce.detach()
             return ce * scale, stats
 
-        t_states, t_last = self._teacher(batch)
-
-        s_out = self._decoder(batch, "student", hidden=True)
         s_idx = batch["student_distill_index"]
+        if self.interleave and not self.teacher_from_cache:
+            t_states, t_last, s_hidden, s_last_BTH = self._interleaved(batch)
+        else:
+            t_states, t_last = self._teacher(batch)
+            s_out = self._decoder(batch, "student", hidden=True)
+            s_hidden, s_last_BTH = s_out.hidden_states, s_out.last_hidden_state
         # hidden_states = (embeddings, layer 1 … layer L-1 outputs, final-norm output): the paper
         # matches all but the last.
-        s_states = [_rows(h, s_idx) for h in s_out.hidden_states[:-1]]
-        s_last = _rows(s_out.last_hidden_state, s_idx)
+        s_states = [_rows(h, s_idx) for h in s_hidden[:-1]]
+        s_last = _rows(s_last_BTH, s_idx)
 
         mask_N = row_weight_N > 0
         kl = self.kl_head(s_last, t_last, mask_N, self.temperature)
@@ -245,6 +276,73 @@ class RuleDistillModule(nn.Module):
             loss = loss + self.alpha * ce
             stats["ce"] = ce.detach()
         return loss * scale, stats
+
+    def _teacher_input(self, batch: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+        """(input_ids, attention_mask, position_ids, prefix state or None, distill index)."""
+        self.counters["teacher_passes"] += 1
+        if self.prefix is None:
+            self.counters["teacher_tokens"] += batch["teacher_input_ids"].numel()
+            return (batch["teacher_input_ids"], batch["teacher_attention_mask"],
+                    batch["teacher_position_ids"], None, batch["teacher_distill_index"])
+        tokens = batch["teacher_suffix_input_ids"].numel()
+        if not self.prefix.valid:
+            self.counters["prefix_builds"] += 1
+            tokens += self.prefix.length
+        self.counters["teacher_tokens"] += tokens
+        ids, pos, state = teacher_inputs(
+            self.prefix, self.prefix_ids, batch["teacher_suffix_input_ids"],
+            batch["teacher_suffix_attention_mask"], batch["teacher_suffix_position_ids"])
+        return ids, None, pos, state, batch["teacher_suffix_distill_index"]
+
+    def _remember(self, batch: dict[str, torch.Tensor], t_states: list[torch.Tensor],
+                  t_last: torch.Tensor) -> None:
+        self.last_targets = None
+        if self.targets is not None and "example_ids" in batch:
+            ids, rows = batch["example_ids"].tolist(), batch["rows_per_example"].tolist()
+            self.last_targets = (ids, rows, torch.stack([*t_states, t_last]))
+            self.targets.put(*self.last_targets)
+
+    def _interleaved(self, batch: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+        """Teacher and student through each decoder layer in turn: the layer's teacher call (no
+        grad, eval, teacher adapter), then its student call. Under ZeRO-3 the layer's parameters,
+        gathered for the first call, are still resident for the second (the reuse distance), so
+        the teacher adds almost no all-gather volume. Returns (teacher matched states, teacher last
+        state) at the distilled rows and the student's hidden states [B, T, H] (as HF's
+        ``hidden_states``) and last state."""
+        from transformers.masking_utils import create_causal_mask
+
+        dec = causal_lm(self.model).model
+        t_ids, t_attn, t_pos, state, t_idx = self._teacher_input(batch)
+        s_ids, s_attn = batch["student_input_ids"], batch["student_attention_mask"]
+        s_pos = batch["student_position_ids"]
+        mode = self.teacher_mode
+
+        with teacher_view(dec.embed_tokens, mode):
+            t_h = dec.embed_tokens(t_ids)
+        s_h = dec.embed_tokens(s_ids)
+        with torch.no_grad(), active(state):
+            t_mask = create_causal_mask(config=dec.config, inputs_embeds=t_h, attention_mask=t_attn,
+                                        past_key_values=None, position_ids=t_pos)
+            t_pe = dec.rotary_emb(t_h, position_ids=t_pos)
+        s_mask = create_causal_mask(config=dec.config, inputs_embeds=s_h, attention_mask=s_attn,
+                                    past_key_values=None, position_ids=s_pos)
+        s_pe = dec.rotary_emb(s_h, position_ids=s_pos)
+        t_hidden, s_hidden = [t_h], [s_h]
+        for layer in dec.layers[: dec.config.num_hidden_layers]:
+            with teacher_view(layer, mode), active(state):
+                t_h = layer(t_h, attention_mask=t_mask, position_embeddings=t_pe, position_ids=t_pos)
+            s_h = layer(s_h, attention_mask=s_mask, position_embeddings=s_pe, position_ids=s_pos)
+            t_hidden.append(t_h)
+            s_hidden.append(s_h)
+        finish(state, dec.config.num_hidden_layers)
+        with teacher_view(dec.norm, mode):
+            t_last = dec.norm(t_h)
+        rows = (lambda h: suffix_rows(state, h)) if state is not None else (lambda h: h)
+        t_states = [_rows(rows(h), t_idx) for h in t_hidden[:-1]]
+        t_last = _rows(rows(t_last), t_idx)
+        s_last = dec.norm(s_h)
+        self._remember(batch, t_states, t_last)
+        return t_states, t_last, [*s_hidden[:-1], s_last], s_last
 
     @torch.no_grad()
     def _teacher(self, batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -258,32 +356,30 @@ class RuleDistillModule(nn.Module):
             self.last_targets = None
             self.counters["teacher_cached"] += 1
             return list(states[:-1].unbind(0)), states[-1]
-        was_training = self.model.training
-        self.model.eval()  # teacher: no dropout
-        with teacher_adapter(self.model, self.teacher_mode):
-            self.counters["teacher_passes"] += 1
-            if self.prefix is not None:
-                suffix_tokens = batch["teacher_suffix_input_ids"].numel()
-                if not self.prefix.valid:
-                    self.counters["prefix_builds"] += 1
-                    suffix_tokens += self.prefix.length
-                self.counters["teacher_tokens"] += suffix_tokens
-                last, hidden = run_with_prefix(
-                    causal_lm(self.model).model, self.prefix, self.prefix_ids,
-                    batch["teacher_suffix_input_ids"], batch["teacher_suffix_attention_mask"],
-                    batch["teacher_suffix_position_ids"])
-                t_idx = batch["teacher_suffix_distill_index"]
-            else:
-                self.counters["teacher_tokens"] += batch["teacher_input_ids"].numel()
-                out = self._decoder(batch, "teacher", hidden=True)
-                last, hidden = out.last_hidden_state, out.hidden_states
-                t_idx = batch["teacher_distill_index"]
-            t_states = [_rows(h, t_idx) for h in hidden[:-1]]
-            t_last = _rows(last, t_idx)
-        self.model.train(was_training)
-        self.last_targets = None
-        if self.targets is not None and ids is not None:
-            rows = batch["rows_per_example"].tolist()
-            self.last_targets = (ids, rows, torch.stack([*t_states, t_last]))
-            self.targets.put(*self.last_targets)
+        ids, attn, pos, state, t_idx = self._teacher_input(batch)
+        dec = causal_lm(self.model).model
+        with teacher_view(self.model, self.teacher_mode), active(state):
+            out = dec(input_ids=ids, attention_mask=attn, position_ids=pos,
+                      output_hidden_states=True, use_cache=False)
+        finish(state, dec.config.num_hidden_layers)
+        rows = (lambda h: suffix_rows(state, h)) if state is not None else (lambda h: h)
+        t_states = [_rows(rows(h), t_idx) for h in out.hidden_states[:-1]]
+        t_last = _rows(rows(out.last_hidden_state), t_idx)
+        self._remember(batch, t_states, t_last)
         return t_states, t_last
+
+
+def interleavable(model: nn.Module) -> bool:
+    """The layer-interleaved forward re-implements the Llama decoder loop (embed, rotary, causal
+    mask, layers, norm); other architectures (e.g. Gemma's scaled embeddings, sliding windows)
+    would compute something else, so only Llama models qualify."""
+    lm = causal_lm(model)
+    return getattr(lm.config, "model_type", None) == "llama" and not getattr(
+        lm.config, "sliding_window", None)
+
+
+def check_interleavable(model: nn.Module) -> None:
+    if not interleavable(model):
+        kind = getattr(causal_lm(model).config, "model_type", None)
+        raise ConfigError(f"the interleaved teacher/student forward needs a Llama-architecture "
+                          f"model (this one: {kind!r}); use --interleave off")

@@ -179,6 +179,18 @@ def all_gather_rows(ids: list[int], rows: list[int], states_LNH: torch.Tensor
     return out
 
 
+def comm_bytes() -> dict[str, int]:
+    """Bytes moved so far by this rank per collective (all_gather_into_tensor, reduce_scatter…),
+    from DeepSpeed's communication logger: empty unless the DeepSpeed config enables
+    ``comms_logger`` (with ``prof_all``). All-gather sizes are the gathered (full) tensors."""
+    from deepspeed.comm.comm import comms_logger
+
+    if not comms_logger.enabled:
+        return {}
+    return {op: sum(size * rec[0] for size, rec in sizes.items())
+            for op, sizes in comms_logger.comms_dict.items()}
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

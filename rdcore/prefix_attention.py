@@ -185,13 +185,53 @@ def install(model: torch.nn.Module) -> None:
 # --------------------------------------------------------------------------------------------------
 # Running a teacher pass with the prefix
 # --------------------------------------------------------------------------------------------------
+def teacher_inputs(cache: PrefixKV, prefix_ids_P: torch.Tensor, suffix_ids_BS: torch.Tensor,
+                   suffix_mask_BS: torch.Tensor, suffix_pos_BS: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, _Pass]:
+    """The decoder input of a teacher pass with the rule prefix: ``(input_ids, position_ids,
+    state)``. Builds the cache (packed ``[1, P + B·S]`` input) if it is not valid, else uses it
+    (``[B, S]``). Run the decoder's attention calls — and its mask creation — under
+    :func:`active` ``(state)``, then :func:`suffix_rows` maps its hidden states to ``[B, S, H]``."""
+    B, S = suffix_ids_BS.shape
+    mask = suffix_mask_BS.bool()
+    if cache.valid:
+        return suffix_ids_BS, suffix_pos_BS, _Pass("use", cache, mask, B, S)
+    P = cache.length
+    ids = torch.cat([prefix_ids_P.to(suffix_ids_BS), suffix_ids_BS.reshape(-1)])[None]
+    pos = torch.cat([torch.arange(P, device=suffix_pos_BS.device), suffix_pos_BS.reshape(-1)])[None]
+    cache.invalidate()
+    return ids, pos, _Pass("build", cache, mask, B, S)
+
+
 @contextlib.contextmanager
-def _active(state: _Pass) -> Iterator[None]:
+def active(state: _Pass | None) -> Iterator[None]:
+    """Route the registered attention and mask functions to the teacher pass ``state`` (None: a
+    plain SDPA pass). A building pass marks its cache valid with :func:`finish` once every layer
+    has run."""
+    if state is None:
+        yield
+        return
     token = _ACTIVE.set(state)
     try:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def finish(state: _Pass | None, num_layers: int) -> None:
+    """After a teacher pass: a building pass's cache becomes valid (checked complete)."""
+    if state is not None and state.mode == "build":
+        if len(state.cache.keys) != num_layers:
+            raise RuntimeError(f"the prefix pass stored K/V for {len(state.cache.keys)} of "
+                               f"{num_layers} layers: does every layer use the attention interface?")
+        state.cache.valid = True
+
+
+def suffix_rows(state: _Pass, h: torch.Tensor) -> torch.Tensor:
+    """A teacher-pass hidden state as ``[B, S, H]`` (drops the packed prefix when building)."""
+    if state.mode == "use":
+        return h
+    return h[0, state.cache.length:].reshape(state.batch, state.suffix_len, h.shape[-1])
 
 
 def run_with_prefix(decoder: torch.nn.Module, cache: PrefixKV, prefix_ids_P: torch.Tensor,
@@ -202,25 +242,13 @@ def run_with_prefix(decoder: torch.nn.Module, cache: PrefixKV, prefix_ids_P: tor
     context. Builds ``cache`` first if it is not valid. Returns the suffixes' last hidden state
     ``[B, S, H]`` and, if asked, every hidden state (embeddings … final norm) as ``[B, S, H]``.
     Call under ``no_grad`` with the model in eval mode."""
-    B, S = suffix_ids_BS.shape
-    mask = suffix_mask_BS.bool()
-    if cache.valid:
-        with _active(_Pass("use", cache, mask, B, S)):
-            out = decoder(input_ids=suffix_ids_BS, position_ids=suffix_pos_BS,
-                          output_hidden_states=output_hidden_states, use_cache=False)
-        return out.last_hidden_state, out.hidden_states
-
-    P = cache.length
-    ids = torch.cat([prefix_ids_P.to(suffix_ids_BS), suffix_ids_BS.reshape(-1)])[None]
-    pos = torch.cat([torch.arange(P, device=suffix_pos_BS.device), suffix_pos_BS.reshape(-1)])[None]
-    cache.invalidate()
-    with _active(_Pass("build", cache, mask, B, S)):
+    ids, pos, state = teacher_inputs(cache, prefix_ids_P, suffix_ids_BS, suffix_mask_BS,
+                                     suffix_pos_BS)
+    with active(state):
         out = decoder(input_ids=ids, position_ids=pos, output_hidden_states=output_hidden_states,
                       use_cache=False)
-    cache.valid = True
-
-    def rows(h: torch.Tensor) -> torch.Tensor:
-        return h[0, P:].reshape(B, S, h.shape[-1])
-
-    hidden = tuple(rows(h) for h in out.hidden_states) if out.hidden_states is not None else None
-    return rows(out.last_hidden_state), hidden
+    finish(state, decoder.config.num_hidden_layers)
+    hidden = out.hidden_states
+    if hidden is not None:
+        hidden = tuple(suffix_rows(state, h) for h in hidden)
+    return suffix_rows(state, out.last_hidden_state), hidden

@@ -51,13 +51,21 @@ from rdcore.data import (
     load_task,
     replace_rule,
 )
-from rdcore.distill import STUDENT, RuleDistillModule, add_lora, causal_lm, lora_config
+from rdcore.distill import (
+    STUDENT,
+    RuleDistillModule,
+    add_lora,
+    causal_lm,
+    interleavable,
+    lora_config,
+)
 from rdcore.models import load_model
 
 log = logging.getLogger("rdcore.train")
 
 RESUMABLE_FIELDS = {"resume", "overwrite", "stop_at_step", "save_every", "tensorboard", "output_dir",
-                    "save_model", "prefix_cache", "teacher_cache", "teacher_cache_gb"}
+                    "save_model", "prefix_cache", "teacher_cache", "teacher_cache_gb",
+                    "interleave"}
 """Fields that may differ between a run and its resumption."""
 
 
@@ -238,14 +246,18 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
     total = len(schedule)
     use_prefix = cfg.prefix_cache and cfg.distill and data.rule_prefix_len > 0
     use_targets = cfg.teacher_cache and cfg.distill and cfg.teacher_mode != "live"
+    use_interleave = cfg.interleave and cfg.distill and interleavable(model)
     module = RuleDistillModule(
         model, cfg.method, cfg.teacher_mode, cfg.temperature, cfg.beta, cfg.alpha,
         rule_prefix_ids=data.rule_prefix_ids if use_prefix else None,
-        teacher_cache_bytes=int(cfg.teacher_cache_gb * 2**30) if use_targets else 0)
+        teacher_cache_bytes=int(cfg.teacher_cache_gb * 2**30) if use_targets else 0,
+        interleave=use_interleave)
     if cfg.distill:
-        log.info("[%s] teacher: rule-prefix cache %s, teacher-target cache %s", stage.name,
-                 f"on ({data.rule_prefix_len} tokens)" if use_prefix else "off",
-                 "on" if use_targets else "off (live teacher)" if cfg.teacher_cache else "off")
+        log.info("[%s] teacher: rule-prefix cache %s, teacher-target cache %s, passes %s",
+                 stage.name, f"on ({data.rule_prefix_len} tokens)" if use_prefix else "off",
+                 "on" if use_targets else "off (live teacher)" if cfg.teacher_cache else "off",
+                 "layer-interleaved" if use_interleave else
+                 "sequential (not a Llama model)" if cfg.interleave else "sequential")
     engine = eng.build_engine(module, cfg, world, lr_lambda_for(cfg, total))
     shard = eng.partition_stats(engine.module)
     trainable = sum(p.numel() if not hasattr(p, "ds_numel") else p.ds_numel
@@ -291,6 +303,7 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
         global_tokens = sum(data[i].response_len for i, w in global_batch if w > 0)
         scale = world * cfg.grad_accum / max(global_tokens, 1)
         sums: dict[str, float] = {}
+        comm_before = eng.comm_bytes()
         t0 = time.perf_counter()
         if module.prefix is not None and cfg.teacher_mode == "live":
             module.prefix.invalidate()  # the weights changed: recompute the prefix once this step
@@ -326,6 +339,9 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
                "step_time_s": time.perf_counter() - t0}
         if cfg.distill:  # this rank's teacher work so far
             row.update({f"rank0_{k}": v for k, v in module.counters.items()})
+        comm_after = eng.comm_bytes()  # with DeepSpeed's comms_logger on: this step's traffic
+        for op, total in comm_after.items():
+            row[f"rank0_comm_{op}_bytes"] = total - comm_before.get(op, 0)
         if rank == 0:
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")

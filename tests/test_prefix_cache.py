@@ -136,40 +136,73 @@ def test_collate_rejects_a_prefix_that_is_not_shared():
         collate(data.examples[:2], tok.pad_token_id, prefix_len=data.rule_prefix_len + 1)
 
 
-@pytest.mark.parametrize("mode", ["live", "disabled"])
-def test_module_loss_with_caches_equals_without(mode):
-    """RuleDistillModule: prefix cache (build then use) and teacher-target cache give the plain
-    loss and gradients."""
+def lora_with_teacher(model, dtype):
+    """A LoRA model whose frozen teacher adapter has non-zero weights (as stage 1 leaves it) and
+    whose student adapter is non-zero too, so teacher, base and student all differ."""
+    from peft import get_peft_model_state_dict
+
+    from rdcore.distill import STUDENT, add_lora, lora_config
+
+    cfg = lora_config(4, 8, 0.0)
+    donor = add_lora(load_model("tiny", seed=4, dtype=dtype)[0], cfg)
+    g = torch.Generator().manual_seed(0)
+    for name, p in donor.named_parameters():
+        if "lora_" in name:
+            p.data = (torch.randn(p.shape, generator=g) * 0.3).to(dtype)
+    peft = add_lora(model, cfg, get_peft_model_state_dict(donor, adapter_name=STUDENT))
+    for p in peft.parameters():
+        if p.requires_grad:
+            p.data = (torch.randn(p.shape, generator=g) * 0.1).to(dtype)
+    return peft
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+@pytest.mark.parametrize("mode", ["live", "disabled", "teacher"])
+def test_module_loss_with_caches_equals_without(mode, interleave):
+    """RuleDistillModule: prefix cache (build then use), teacher-target cache and the layer-
+    interleaved forward give the plain loss and gradients (fp64: exact up to rounding)."""
     from rdcore.distill import add_lora, lora_config
 
-    model, tok = load_model("tiny", seed=4, dtype=torch.float64)  # exact math, no fp32 noise
+    dtype = torch.float64  # exact math, no fp32 noise
+    model, tok = load_model("tiny", seed=4, dtype=dtype)
     if mode == "disabled":
         model = add_lora(model, lora_config(4, 8, 0.0))
+    elif mode == "teacher":
+        model = lora_with_teacher(model, dtype)
     data = Encoder(tok).encode(load_task("math", "train", 8))
     P = data.rule_prefix_len
     plain = RuleDistillModule(model, "rule_distill_base", mode, beta=5.0)
-    cached = RuleDistillModule(model, "rule_distill_base", mode, beta=5.0,
-                               rule_prefix_ids=data.rule_prefix_ids,
-                               teacher_cache_bytes=0 if mode == "live" else 2**30)
+    variants = {
+        "interleave": RuleDistillModule(model, "rule_distill_base", mode, beta=5.0,
+                                        interleave=interleave),
+        "caches": RuleDistillModule(model, "rule_distill_base", mode, beta=5.0,
+                                    rule_prefix_ids=data.rule_prefix_ids, interleave=interleave,
+                                    teacher_cache_bytes=0 if mode == "live" else 2**30),
+    }
     for start in (0, 3, 0):  # the second batch uses the prefix; the third is fully cached
         exs = data.examples[start: start + 3]
         ids = list(range(start, start + 3))
-        batch = collate(exs, tok.pad_token_id, prefix_len=P)
+        batch = collate(exs, tok.pad_token_id, prefix_len=P, padding_side="left")
         batch["example_ids"] = torch.tensor(ids)
         batch["rows_per_example"] = torch.tensor([e.response_len for e in exs])
         w = torch.ones(sum(e.response_len for e in exs))
+        cached = variants["caches"]
         if cached.targets is not None:
             cached.teacher_from_cache = cached.targets.has_all(ids)
         results = []
-        for m in (plain, cached):
+        for m in (plain, *variants.values()):
             model.zero_grad()
+            model.train()
             loss, _ = m(batch, w, 1.0)
             loss.backward()
+            assert model.training  # the teacher's eval mode was undone
             grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
             results.append((loss.detach(), grads))
-        assert results[1][0] == pytest.approx(results[0][0].item(), rel=1e-10)
-        for a, b in zip(results[1][1], results[0][1]):
-            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
-    assert cached.prefix.valid
-    if mode == "disabled":
-        assert cached.teacher_from_cache and len(cached.targets.store) == 6
+        assert results[0][0] > 1e-4  # teacher and student differ
+        for loss, grads in results[1:]:
+            assert loss.item() == pytest.approx(results[0][0].item(), rel=1e-10)
+            for a, b in zip(grads, results[0][1]):
+                torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+    assert variants["caches"].prefix.valid
+    if mode != "live":
+        assert variants["caches"].teacher_from_cache and len(variants["caches"].targets.store) == 6

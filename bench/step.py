@@ -1,0 +1,346 @@
+"""Training-step benchmark: the paper's loop, an HF baseline and rdcore (caches off / rule-prefix
+cache / teacher-target cache), same model, data and batches. Prints a table and appends rows to
+``bench/results/step.jsonl``; ``--plot`` draws ``bench/results/step_<device>.png`` from those rows.
+
+    python bench/step.py                                   # smollm2-135m, math + jailbreak, CPU
+    python bench/step.py --tasks math --variants b,c,d --steps 3 --model tiny   # quick look
+
+Variants (Rule-Distill-Base with a LoRA student, r 16 on q/k/v/o, AdamW; one process, no DeepSpeed):
+
+a. paper: a separate teacher copy; teacher and student sequences left-padded to ``--paper_max_length``
+   (the paper: 1024); full logits at every position; KL and hidden MSE unfused, in the model dtype,
+   masked to the response positions.
+b. hf: a separate teacher copy; dynamic padding; full logits [B, T, V]; losses on the response rows.
+c. rdcore, caches off: shared weights (teacher = adapters disabled), fused kernels on the distilled
+   rows only. d. rdcore + rule-prefix cache. e. rdcore + prefix and teacher-target caches over
+   ``--epochs`` epochs: samples/s per epoch and their mean.
+
+Per variant (each in its own subprocess): samples/s (median over steps after ``--warmup``),
+teacher token positions run per sample (padding included), teacher-pass seconds per step (median),
+and peak memory — CUDA ``max_memory_allocated``, CPU the process's peak resident set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results" / "step.jsonl"
+VARIANTS = {"a": "paper", "b": "hf", "c": "rdcore", "d": "rdcore+prefix", "e": "rdcore+prefix+targets"}
+
+
+def _now(cuda: bool) -> float:
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _unfused_losses(t_logits, s_logits, t_hidden, s_hidden, t_rows, s_rows, beta: float):
+    """KL(teacher ‖ student) and the normalised hidden MSE from full logits, in the model dtype."""
+    import torch.nn.functional as F
+
+    t = t_logits.reshape(-1, t_logits.shape[-1])[t_rows]
+    s = s_logits.reshape(-1, s_logits.shape[-1])[s_rows]
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
+    mse = 0
+    for hs, ht in zip(s_hidden[:-1], t_hidden[:-1]):
+        a = F.normalize(hs.reshape(-1, hs.shape[-1])[s_rows], dim=-1)
+        b = F.normalize(ht.reshape(-1, ht.shape[-1])[t_rows], dim=-1)
+        mse = mse + (a - b).pow(2).mean(-1).sum()
+    return kl + beta * mse / (len(s_hidden) - 1)
+
+
+def _paper_losses(t_out, s_out, t_mask, s_mask, beta: float):
+    """The paper's computation: log-softmax over every (left-padded) position of both models, the
+    KL summed over vocabulary and masked to the response positions; hidden MSE likewise."""
+    import torch.nn.functional as F
+
+    t_lp = F.log_softmax(t_out.logits, -1)  # [B, T, V] in the model dtype
+    s_lp = F.log_softmax(s_out.logits, -1)
+    kl_BT = (t_lp.exp() * (t_lp - s_lp)).sum(-1)
+    kl = (kl_BT * s_mask).sum()
+    mse = 0
+    for hs, ht in zip(s_out.hidden_states[:-1], t_out.hidden_states[:-1]):
+        d = (F.normalize(hs, dim=-1) - F.normalize(ht, dim=-1)).pow(2).mean(-1)
+        mse = mse + (d * s_mask).sum()
+    return kl + beta * mse / (len(s_out.hidden_states) - 1)
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    from rdcore.data import Encoder, collate, load_task
+    from rdcore.distill import RuleDistillModule, add_lora, lora_config
+    from rdcore.models import load_model
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if (cuda and args.dtype == "bf16") else torch.float32
+    torch.manual_seed(0)
+    base, tok = load_model(args.model, dtype=dtype)
+    data = Encoder(tok, max_length=args.paper_max_length).encode(load_task(args.task, "train",
+                                                                           args.shots))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    P = data.rule_prefix_len
+    variant = args.one
+    teacher = None
+    if variant in ("a", "b"):
+        teacher = copy.deepcopy(base).to(device).eval()  # the separate teacher copy
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    model = add_lora(base, lora_config(16, 16, 0.0)).to(device)
+    module = None
+    if variant in ("c", "d", "e"):
+        module = RuleDistillModule(model, "rule_distill_base", "disabled", beta=args.beta,
+                                   rule_prefix_ids=data.rule_prefix_ids if variant != "c" else None,
+                                   teacher_cache_bytes=2**34 if variant == "e" else 0).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    n = len(data)
+    batches = [list(range(i, min(i + args.batch_size, n))) for i in range(0, n, args.batch_size)]
+    teacher_time: list[float] = []
+
+    if module is not None:  # time the teacher pass inside the module
+        inner = module._teacher
+
+        def timed(batch):
+            t0 = _now(cuda)
+            out = inner(batch)
+            teacher_time.append(_now(cuda) - t0)
+            return out
+
+        module._teacher = timed
+
+    teacher_tokens = 0
+
+    def step(ids: list[int]) -> None:
+        nonlocal teacher_tokens
+        exs = [data[i] for i in ids]
+        if variant == "a":
+            b = _left_pad_to(exs, pad, args.paper_max_length, device)
+            t0 = _now(cuda)
+            with torch.no_grad():
+                t_out = teacher(input_ids=b["t_ids"], attention_mask=b["t_mask"],
+                                output_hidden_states=True)
+            teacher_time.append(_now(cuda) - t0)
+            teacher_tokens += b["t_ids"].numel()
+            s_out = model(input_ids=b["s_ids"], attention_mask=b["s_mask"], output_hidden_states=True)
+            # teacher and student are both left-padded to the same length and end with the response,
+            # so the response positions coincide
+            loss = _paper_losses(t_out, s_out, b["t_mask"], b["s_resp"], args.beta)
+        else:
+            batch = {k: v.to(device) for k, v in collate(exs, pad, prefix_len=P).items()}
+            batch["example_ids"] = torch.tensor(ids, device=device)
+            batch["rows_per_example"] = torch.tensor([e.response_len for e in exs])
+            w = torch.ones(sum(e.response_len for e in exs), device=device)
+            if variant == "b":
+                t0 = _now(cuda)
+                with torch.no_grad():
+                    t_out = teacher(input_ids=batch["teacher_input_ids"],
+                                    attention_mask=batch["teacher_attention_mask"],
+                                    position_ids=batch["teacher_position_ids"],
+                                    output_hidden_states=True)
+                teacher_time.append(_now(cuda) - t0)
+                teacher_tokens += batch["teacher_input_ids"].numel()
+                s_out = model(input_ids=batch["student_input_ids"],
+                              attention_mask=batch["student_attention_mask"],
+                              position_ids=batch["student_position_ids"], output_hidden_states=True)
+                loss = _unfused_losses(t_out.logits, s_out.logits, t_out.hidden_states,
+                                       s_out.hidden_states, batch["teacher_distill_index"],
+                                       batch["student_distill_index"], args.beta)
+            else:
+                if module.targets is not None:
+                    module.teacher_from_cache = module.targets.has_all(ids)
+                loss, _ = module(batch, w, 1.0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    epochs = args.epochs if variant == "e" else 1
+    per_epoch: list[float] = []
+    step_times: list[float] = []
+    counted = 0
+    for _ in range(epochs):
+        t_epoch = _now(cuda)
+        samples = 0
+        todo = batches if variant == "e" else (batches * (args.warmup + args.steps))[
+            : args.warmup + args.steps]
+        for k, ids in enumerate(todo):
+            t0 = _now(cuda)
+            step(ids)
+            dt = _now(cuda) - t0
+            if variant == "e" or k >= args.warmup:
+                step_times.append(dt)
+                samples += len(ids)
+                counted += len(ids)
+        per_epoch.append(samples / (_now(cuda) - t_epoch))
+    if module is not None:
+        teacher_tokens = module.counters["teacher_tokens"]
+    total_samples = (len(data) * epochs) if variant == "e" else (
+        sum(len(b) for b in (batches * (args.warmup + args.steps))[: args.warmup + args.steps]))
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    med_step = statistics.median(step_times)
+    bsz_mean = counted / len(step_times)
+    return {
+        "samples_per_s": statistics.mean(per_epoch) if variant == "e" else bsz_mean / med_step,
+        "samples_per_s_per_epoch": per_epoch if variant == "e" else None,
+        "teacher_tokens_per_sample": teacher_tokens / total_samples,
+        "teacher_s_per_step": statistics.median(teacher_time) if teacher_time else 0.0,
+        "peak_mem_mib": peak / 2**20,
+        "rule_prefix_tokens": P,
+        "mean_teacher_len": sum(len(e.teacher_ids) for e in data) / len(data),
+        "examples": len(data),
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or 'cpu'}, "
+                                                              f"{torch.get_num_threads()} threads)",
+        "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+    }
+
+
+def _left_pad_to(exs, pad: int, length: int, device):
+    import torch
+
+    B = len(exs)
+    out = {k: torch.full((B, length), v, dtype=torch.long) for k, v in
+           (("t_ids", pad), ("s_ids", pad), ("t_mask", 0), ("s_mask", 0))}
+    s_resp = torch.zeros(B, length)
+    for b, e in enumerate(exs):
+        t, s = e.teacher_ids, e.student_ids
+        if len(t) > length:
+            raise SystemExit(f"a teacher sequence has {len(t)} tokens > --paper_max_length {length}")
+        out["t_ids"][b, length - len(t):] = torch.tensor(t)
+        out["t_mask"][b, length - len(t):] = 1
+        out["s_ids"][b, length - len(s):] = torch.tensor(s)
+        out["s_mask"][b, length - len(s):] = 1
+        # positions predicting response tokens: the R positions before the last one
+        s_resp[b, length - e.response_len - 1: length - 1] = 1
+    res = {k: v.to(device) for k, v in out.items()}
+    res["s_resp"] = s_resp.to(device)
+    return res
+
+
+def git_sha() -> str:
+    """The short commit SHA, with ``+dirty`` when tracked files differ from it."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def plot() -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]
+    by_device: dict[str, dict] = {}
+    for r in rows:  # newest row per (device, model, task, variant)
+        by_device.setdefault(r["device"], {})[(r["model"], r["task"], r["variant"])] = r
+    for device, latest in by_device.items():
+        keys = sorted({(m, t) for m, t, _ in latest})
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        width = 0.8 / len(VARIANTS)
+        for j, v in enumerate(VARIANTS):
+            xs = [i + j * width for i, k in enumerate(keys) if (*k, v) in latest]
+            ys = [latest[(*k, v)] for k in keys if (*k, v) in latest]
+            axes[0].bar(xs, [r["samples_per_s"] for r in ys], width, label=f"{v}: {VARIANTS[v]}")
+            axes[1].bar(xs, [r["peak_mem_mib"] for r in ys], width)
+        for ax, title in zip(axes, ("samples / s", "peak memory (MiB)")):
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
+            ax.set_xticklabels([f"{m}\n{t}" for m, t in keys])
+            ax.set_title(title)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"training step, {device}")
+        fig.tight_layout()
+        name = "cpu" if device.startswith("CPU") else device.replace(" ", "_")
+        path = RESULTS.parent / "results" / f"step_{name}.png"
+        fig.savefig(path, dpi=110)
+        print(f"wrote {path}")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tasks", default="math,jailbreak")
+    ap.add_argument("--variants", default="a,b,c,d,e")
+    ap.add_argument("--shots", type=int, default=8)
+    ap.add_argument("--batch_size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per variant (a-d)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=3, help="epochs of variant e")
+    ap.add_argument("--beta", type=float, default=10.0)
+    ap.add_argument("--paper_max_length", type=int, default=1024)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="on CUDA (CPU: fp32)")
+    ap.add_argument("--no_save", action="store_true", help="print only, append no rows")
+    ap.add_argument("--plot", action="store_true", help="only draw the figure from the rows")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--task", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.plot:
+        return plot()
+    if args.one:
+        print("RESULT " + json.dumps(worker(args)))
+        return 0
+    sha = git_sha()
+    rows = []
+    print(f"{'task':10} {'variant':24} {'samples/s':>10} {'vs a':>6} {'vs b':>6} "
+          f"{'teacher tok/sample':>18} {'teacher s/step':>14} {'peak MiB':>9}")
+    for task in args.tasks.split(","):
+        got: dict[str, dict] = {}
+        for v in args.variants.split(","):
+            cmd = [sys.executable, __file__, "--one", v, "--task", task] + [
+                f"--{k}={getattr(args, k)}" for k in ("model", "shots", "batch_size", "steps",
+                                                      "warmup", "epochs", "beta",
+                                                      "paper_max_length", "dtype")]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                print(f"{task} {v}: failed\n{proc.stderr[-3000:]}")
+                return 1
+            r = json.loads(line[0][len("RESULT "):])
+            got[v] = r
+            ra = r["samples_per_s"] / got["a"]["samples_per_s"] if "a" in got else float("nan")
+            rb = r["samples_per_s"] / got["b"]["samples_per_s"] if "b" in got else float("nan")
+            print(f"{task:10} {v + ': ' + VARIANTS[v]:24} {r['samples_per_s']:10.3f} {ra:6.2f} "
+                  f"{rb:6.2f} {r['teacher_tokens_per_sample']:18.1f} {r['teacher_s_per_step']:14.3f} "
+                  f"{r['peak_mem_mib']:9.0f}", flush=True)
+            rows.append({"model": args.model, "task": task, "variant": v, "name": VARIANTS[v],
+                         "batch_size": args.batch_size, "shots": args.shots, "git": sha,
+                         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **r})
+        if "c" in got and "d" in got:
+            frac = got["d"]["rule_prefix_tokens"] / got["d"]["mean_teacher_len"]
+            cut = 1 - got["d"]["teacher_s_per_step"] / got["c"]["teacher_s_per_step"]
+            print(f"{task}: rule prefix = {frac:.0%} of teacher tokens; prefix cache cuts the teacher "
+                  f"pass by {cut:.0%} (target >= {0.8 * frac:.0%})")
+    if not args.no_save:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        with RESULTS.open("a") as fh:
+            for r in rows:
+                fh.write(json.dumps(r) + "\n")
+        print(f"appended {len(rows)} rows to {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
