@@ -19,9 +19,11 @@ under 1e9 parameters would never be released between the passes, hiding the diff
 the whole model resident, which defeats ZeRO-3 at scale). ``stage3_prefetch_bucket_size`` and
 ``stage3_max_live_parameters`` are set to the same size, so at most about two layers are resident.
 
-Reported per mode: bytes all-gathered and reduce-scattered per step by rank 0 (median over the
-steps after the first, which records DeepSpeed's prefetch trace), as multiples of the model size
-(all parameters in their dtype), and the teacher's extra all-gather over student-only. Rows go to
+Reported per mode: bytes all-gathered and reduce-scattered per step (median over the steps after
+the first, which records DeepSpeed's prefetch trace), as multiples of the model size (all
+parameters in their dtype), and the teacher's extra all-gather over student-only. All-gather
+volume is the gathered tensors' size (DeepSpeed's logger records rank 0's shard of each gather:
+× world size); reduce-scatter volume is the size of the reduced inputs. Rows go to
 ``bench/results/comm_volume.jsonl``.
 """
 
@@ -116,7 +118,7 @@ def main() -> int:
             base = None
             for mode in MODES:
                 got = run(mode, ranks, args, ds_path, Path(tmp) / f"{mode}{ranks}")
-                ag = per_step(got, "all_gather")
+                ag = per_step(got, "all_gather") * ranks  # the logger counts rank 0's shard
                 rs = per_step(got, "reduce_scatter")
                 if mode == "student":
                     base = ag

@@ -180,9 +180,11 @@ def all_gather_rows(ids: list[int], rows: list[int], states_LNH: torch.Tensor
 
 
 def comm_bytes() -> dict[str, int]:
-    """Bytes moved so far by this rank per collective (all_gather_into_tensor, reduce_scatter…),
+    """Bytes so far per collective on this rank (all_gather_into_tensor, reduce_scatter_tensor…),
     from DeepSpeed's communication logger: empty unless the DeepSpeed config enables
-    ``comms_logger`` (with ``prof_all``). All-gather sizes are the gathered (full) tensors."""
+    ``comms_logger`` (with ``prof_all``). DeepSpeed sizes a collective by its ``tensor`` argument:
+    for an all-gather that is this rank's shard (the gathered volume is world × that), for a
+    reduce-scatter the full input."""
     from deepspeed.comm.comm import comms_logger
 
     if not comms_logger.enabled:
