@@ -253,9 +253,13 @@ def plot() -> int:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]
-    by_device: dict[str, dict] = {}
-    for r in rows:  # newest row per (device, model, task, variant)
-        by_device.setdefault(r["device"], {})[(r["model"], r["task"], r["variant"])] = r
+    grouped: dict[str, dict[tuple, list[dict]]] = {}
+    for r in rows:  # medians over the invocations per (device, model, task, variant)
+        grouped.setdefault(r["device"], {}).setdefault((r["model"], r["task"], r["variant"]),
+                                                       []).append(r)
+    by_device = {d: {k: {m: statistics.median(r[m] for r in rs)
+                         for m in ("samples_per_s", "peak_mem_mib")} for k, rs in g.items()}
+                 for d, g in grouped.items()}
     for device, latest in by_device.items():
         keys = sorted({(m, t) for m, t, _ in latest})
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -270,12 +274,49 @@ def plot() -> int:
             ax.set_xticklabels([f"{m}\n{t}" for m, t in keys])
             ax.set_title(title)
         axes[0].legend(fontsize=7)
-        fig.suptitle(f"training step, {device}")
+        fig.suptitle(f"training step (medians over runs), {device}")
         fig.tight_layout()
         name = "cpu" if device.startswith("CPU") else device.replace(" ", "_")
-        path = RESULTS.parent / "results" / f"step_{name}.png"
+        path = RESULTS.parent / f"step_{name}.png"
         fig.savefig(path, dpi=110)
         print(f"wrote {path}")
+    return 0
+
+
+def summary() -> int:
+    """Medians over every recorded invocation per (device, model, task, batch), and the issue's
+    targets from ratios taken within one invocation (medians over invocations)."""
+    rows = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["device"], r["model"], r["task"], r["batch_size"]), []).append(r)
+    for (device, model, task, bsz), rs in groups.items():
+        runs: dict[str, dict[str, dict]] = {}
+        for r in rs:
+            runs.setdefault(r.get("run", r["time"]), {})[r["variant"]] = r
+        print(f"\n{model}, {task}, batch {bsz}, {device}: medians over {len(runs)} invocation(s)")
+        print(f"{'variant':24} {'samples/s':>10} {'vs a':>6} {'vs b':>6} {'teacher tok/sample':>18} "
+              f"{'teacher s/step':>14} {'peak MiB':>9}")
+
+        def med(v: str, key: str, runs: dict = runs) -> float:
+            return statistics.median(run[v][key] for run in runs.values() if v in run)
+
+        def ratio(v: str, w: str, key: str = "samples_per_s", runs: dict = runs) -> float:
+            got = [run[v][key] / run[w][key] for run in runs.values() if v in run and w in run]
+            return statistics.median(got) if got else float("nan")
+
+        for v in VARIANTS:
+            if not any(v in run for run in runs.values()):
+                continue
+            print(f"{v + ': ' + VARIANTS[v]:24} {med(v, 'samples_per_s'):10.3f} {ratio(v, 'a'):6.2f} "
+                  f"{ratio(v, 'b'):6.2f} {med(v, 'teacher_tokens_per_sample'):18.1f} "
+                  f"{med(v, 'teacher_s_per_step'):14.3f} {med(v, 'peak_mem_mib'):9.0f}")
+        frac = med("d", "rule_prefix_tokens") / med("d", "mean_teacher_len")
+        cut = 1 - ratio("d", "c", "teacher_s_per_step")
+        print(f"targets: (d)/(a) {ratio('d', 'a'):.1f}x (>= 5); (e)/(b) {ratio('e', 'b'):.2f}x (>= 2); "
+              f"peak (d)/(a) {ratio('d', 'a', 'peak_mem_mib'):.2f}, (e)/(a) "
+              f"{ratio('e', 'a', 'peak_mem_mib'):.2f} (<= 0.5); teacher time cut {cut:.0%} with the "
+              f"rule {frac:.0%} of teacher tokens (>= {0.8 * frac:.0%})")
     return 0
 
 
@@ -294,15 +335,20 @@ def main() -> int:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="on CUDA (CPU: fp32)")
     ap.add_argument("--no_save", action="store_true", help="print only, append no rows")
     ap.add_argument("--plot", action="store_true", help="only draw the figure from the rows")
+    ap.add_argument("--summary", action="store_true",
+                    help="only print medians over the recorded invocations and the targets")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--task", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.plot:
         return plot()
+    if args.summary:
+        return summary()
     if args.one:
         print("RESULT " + json.dumps(worker(args)))
         return 0
     sha = git_sha()
+    run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
     rows = []
     print(f"{'task':10} {'variant':24} {'samples/s':>10} {'vs a':>6} {'vs b':>6} "
           f"{'teacher tok/sample':>18} {'teacher s/step':>14} {'peak MiB':>9}")
@@ -326,7 +372,7 @@ def main() -> int:
                   f"{rb:6.2f} {r['teacher_tokens_per_sample']:18.1f} {r['teacher_s_per_step']:14.3f} "
                   f"{r['peak_mem_mib']:9.0f}", flush=True)
             rows.append({"model": args.model, "task": task, "variant": v, "name": VARIANTS[v],
-                         "batch_size": args.batch_size, "shots": args.shots, "git": sha,
+                         "batch_size": args.batch_size, "shots": args.shots, "git": sha, "run": run_id,
                          "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **r})
         if "c" in got and "d" in got:
             frac = got["d"]["rule_prefix_tokens"] / got["d"]["mean_teacher_len"]
