@@ -56,7 +56,13 @@ def cell(args: argparse.Namespace, method: str, k: int, seed: int) -> list[dict]
     folder = Path(args.out) / "cells" / name
     side = "teacher" if method == "inst_tune_rule" else "student"
     rows = []
-    evals = {split: folder / "eval" / f"{split}_{side}" / "eval.json" for split in SPLITS[args.task]}
+    # (split, side label, rule_text for the evaluation) → eval.json
+    evals = {(split, side, args.rule_text): folder / "eval" / f"{split}_{side}" / "eval.json"
+             for split in SPLITS[args.task]}
+    if args.swap_test and method == "inst_tune_rule":  # read with the two wordings swapped
+        evals.update({(split, "teacher_swapped", "swap"):
+                      folder / "eval" / f"{split}_teacher_swapped" / "eval.json"
+                      for split in SPLITS[args.task]})
     if not all(p.is_file() for p in evals.values()):
         deepspeed = Path(sys.executable).parent / "deepspeed"
         train = [str(deepspeed), "--num_accelerators", str(args.ranks), "--master_port",
@@ -70,37 +76,44 @@ def cell(args: argparse.Namespace, method: str, k: int, seed: int) -> list[dict]
         if not (folder / "final" / "config.json").is_file():
             print(f"[{name}] training", flush=True)
             run(train, folder / "sweep.log")
-        for split, path in evals.items():
+        for (split, label, rule_text), path in evals.items():
             if path.is_file():
                 continue
-            print(f"[{name}] evaluating {split} ({side})", flush=True)
+            print(f"[{name}] evaluating {split} ({label})", flush=True)
             ev = [sys.executable, "-m", "rdcore.evaluate", "--model", str(folder), "--task",
                   args.task, "--split", split, "--side", side, "--limit", str(args.limit),
                   "--output_dir", str(path.parent), "--batch_size", str(args.eval_batch_size),
                   "--max_new_tokens", str(args.max_new_tokens)]
-            if args.rule_text:
-                ev += ["--rule_text", args.rule_text]
+            if rule_text:
+                ev += ["--rule_text", rule_text]
             run(ev, folder / "sweep.log")
-    for split, path in evals.items():
+    for (split, label, _), path in evals.items():
         result = json.loads(path.read_text())
         for metric, value in result["metrics"].items():
-            rows.append({"method": method, "k": k, "seed": seed, "split": split, "side": side,
+            rows.append({"method": method, "k": k, "seed": seed, "split": split, "side": label,
                          "metric": metric, "value": value, "n": result["n_examples"]})
     return rows
+
+
+SWAPPED = " (wordings swapped)"
 
 
 def report(out: Path, task: str) -> None:
     rows = list(csv.DictReader((out / "results.csv").open()))
     groups: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
-        groups[(r["split"], r["metric"], r["method"], int(r["k"]))].append(float(r["value"]))
+        label = r["method"] + (SWAPPED if r["side"] == "teacher_swapped" else "")
+        groups[(r["split"], r["metric"], label, int(r["k"]))].append(float(r["value"]))
+    labels = [*METHODS, *(m + SWAPPED for m in METHODS)]
     lines = [f"# {task}: mean ± std over seeds (n = number of seeds)\n"]
     for split, metric in sorted({(s, m) for s, m, _, _ in groups}):
         ks = sorted({k for s, m, _, k in groups if (s, m) == (split, metric)})
         lines.append(f"\n## {split} — {metric}\n")
         lines.append("| method | " + " | ".join(f"k={k}" for k in ks) + " |")
         lines.append("|---|" + "---|" * len(ks))
-        for method in METHODS:
+        for method in labels:
+            if not any((split, metric, method, k) in groups for k in ks):
+                continue
             cells = []
             for k in ks:
                 v = groups.get((split, metric, method, k))
@@ -122,7 +135,7 @@ def report(out: Path, task: str) -> None:
     metric = MAIN_METRIC[task]
     for split in sorted({s for s, m, _, _ in groups if m == metric}):
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for method in METHODS:
+        for method in labels:
             ks = sorted(k for s, m, me, k in groups if (s, m, me) == (split, metric, method))
             if not ks:
                 continue
@@ -154,6 +167,9 @@ def main() -> int:
     ap.add_argument("--eval_batch_size", type=int, default=8)
     ap.add_argument("--max_new_tokens", type=int, default=0, help="0: the task's default")
     ap.add_argument("--rule_text", default="", help='"canonical" for the Bob main table')
+    ap.add_argument("--swap_test", action="store_true",
+                    help="also evaluate inst_tune_rule with the rule's two wordings swapped (the "
+                         "released Bob files; rows labelled side=teacher_swapped)")
     ap.add_argument("--out", default="runs/paper")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("train_args", nargs="*", help="extra flags for rdcore/train.py (after --)")

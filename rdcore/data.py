@@ -271,6 +271,19 @@ def replace_rule(examples: Sequence[RuleExample], text: str) -> list[RuleExample
     return [dataclasses.replace(ex, rule=text) for ex in examples]
 
 
+def swap_rule_wordings(examples: Sequence[RuleExample]) -> list[RuleExample]:
+    """The wording-swap test: rows stated in one of exactly two rule wordings get the other one.
+
+    In the released Bob files the wording tracks the class; a model that reads the wording instead
+    of the rule loses accuracy when the wordings are swapped, one that reads the rule does not."""
+    rules = list(dict.fromkeys(ex.rule for ex in examples))
+    if len(rules) != 2:
+        raise DataError(f"the wording swap needs exactly 2 distinct rule texts; these rows have "
+                        f"{len(rules)}")
+    other = {rules[0]: rules[1], rules[1]: rules[0]}
+    return [dataclasses.replace(ex, rule=other[ex.rule]) for ex in examples]
+
+
 def load_task(task: str, split: str = "train", shots: int = 8, seed: int = 1234, *,
               require_output: bool | None = None) -> list[RuleExample]:
     """Load a packaged task split as :class:`RuleExample` rows (outputs required for train/valid)."""

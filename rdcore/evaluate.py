@@ -50,6 +50,7 @@ from rdcore.data import (
     canonical_rule,
     load_task,
     replace_rule,
+    swap_rule_wordings,
     task_name,
 )
 from rdcore.models import load_model
@@ -175,7 +176,8 @@ class EvalConfig:
     """Prompt template, as in training."""
     rule_text: str = ""
     """Replace every row's rule (teacher side) with this text; "canonical": the task's single
-    wording (bob). Empty: the rules as in the test file."""
+    wording (bob); "swap": the wording-swap test (rows in one of the file's two wordings get the
+    other, see rdcore.data.swap_rule_wordings). Empty: the rules as in the test file."""
     max_new_tokens: int = 0
     """Tokens to generate (0: the task's default)."""
     batch_size: int = 8
@@ -226,7 +228,11 @@ def evaluate(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) -> dict[
         else:
             indices = indices[: cfg.limit]
     chosen = [examples[i] for i in indices]
-    if cfg.rule_text:
+    if cfg.rule_text == "swap":
+        # swap over the whole file, so a --limit subset still gets the file's two wordings
+        swapped = swap_rule_wordings(examples)
+        chosen = [swapped[i] for i in indices]
+    elif cfg.rule_text:
         text = canonical_rule(cfg.task) if cfg.rule_text == "canonical" else cfg.rule_text
         chosen = replace_rule(chosen, text)
     prompts = Encoder(tokenizer, cfg.template, cfg.max_length).encode_prompts(chosen, cfg.side)

@@ -238,3 +238,18 @@ def test_canonical_rule_removes_the_bob_wording_confound(tiny_tok):
     assert ds.rule_prefix_len > original.rule_prefix_len  # the whole rule is now shared
     with pytest.raises(DataError, match="no alternative rule wordings"):
         canonical_rule("math")
+
+
+def test_wording_swap_exchanges_the_two_bob_wordings():
+    from rdcore.data import swap_rule_wordings
+
+    test = load_task("bob", "test", require_output=False)
+    env_rule, other_rule = test[0].rule, test[150].rule
+    assert "When the inputs" in env_rule and "As long as" in other_rule
+    swapped = swap_rule_wordings(test)
+    assert [e.input for e in swapped] == [e.input for e in test]
+    assert all(e.rule == other_rule for e in swapped[:100])  # environmental rows: the other wording
+    assert all(e.rule == env_rule for e in swapped[100:])
+    assert swap_rule_wordings(swapped) == test
+    with pytest.raises(DataError, match="exactly 2 distinct"):
+        swap_rule_wordings(load_task("bob", "train", 128))

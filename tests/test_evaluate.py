@@ -79,3 +79,23 @@ def test_evaluate_writes_metrics_and_generations(tiny, tmp_path, task, split):
 def test_cli_errors(capsys):
     assert main(["--model", "tiny", "--task", "math", "--split", "harmful_test"]) == 2
     assert "test splits" in capsys.readouterr().err
+
+
+def test_wording_swap_evaluation_reads_the_other_wording(tiny, tmp_path, monkeypatch):
+    """--rule_text swap on a --limit subset: the environmental rows are prompted with the file's
+    other wording (swapped over the whole file, so a subset still has both)."""
+    import rdcore.evaluate as ev
+
+    seen = []
+    real = ev.Encoder.encode_prompts
+
+    def spy(self, examples, side):
+        seen.extend(e.rule for e in examples)
+        return real(self, examples, side)
+
+    monkeypatch.setattr(ev.Encoder, "encode_prompts", spy)
+    model, tok = tiny
+    cfg = EvalConfig(model="tiny", task="bob", limit=4, max_new_tokens=2, output_dir=str(tmp_path),
+                     side="teacher", rule_text="swap")
+    assert evaluate(cfg, model, tok)["n_examples"] == 4
+    assert all("As long as" in r for r in seen[:2]) and all("When the inputs" in r for r in seen[2:])
