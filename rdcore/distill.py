@@ -278,21 +278,25 @@ class RuleDistillModule(nn.Module):
         return loss * scale, stats
 
     def _teacher_input(self, batch: dict[str, torch.Tensor]) -> tuple[Any, ...]:
-        """(input_ids, attention_mask, position_ids, prefix state or None, distill index)."""
+        """(input_ids, attention_mask, position_ids, prefix state or None, distill index, prefix
+        pass to run first or None; see :func:`rdcore.prefix_attention.teacher_inputs`)."""
         self.counters["teacher_passes"] += 1
         if self.prefix is None:
             self.counters["teacher_tokens"] += batch["teacher_input_ids"].numel()
             return (batch["teacher_input_ids"], batch["teacher_attention_mask"],
-                    batch["teacher_position_ids"], None, batch["teacher_distill_index"])
+                    batch["teacher_position_ids"], None, batch["teacher_distill_index"], None)
         tokens = batch["teacher_suffix_input_ids"].numel()
         if not self.prefix.valid:
             self.counters["prefix_builds"] += 1
             tokens += self.prefix.length
         self.counters["teacher_tokens"] += tokens
-        ids, pos, state = teacher_inputs(
+        # a live teacher rebuilds the cache every step: packed, one decoder call (the same module
+        # calls every micro-batch); a frozen one builds it once, with a prefix-only call first
+        ids, pos, state, prefix = teacher_inputs(
             self.prefix, self.prefix_ids, batch["teacher_suffix_input_ids"],
-            batch["teacher_suffix_attention_mask"], batch["teacher_suffix_position_ids"])
-        return ids, None, pos, state, batch["teacher_suffix_distill_index"]
+            batch["teacher_suffix_attention_mask"], batch["teacher_suffix_position_ids"],
+            packed=self.teacher_mode == "live")
+        return ids, None, pos, state, batch["teacher_suffix_distill_index"], prefix
 
     def _remember(self, batch: dict[str, torch.Tensor], t_states: list[torch.Tensor],
                   t_last: torch.Tensor) -> None:
@@ -312,11 +316,17 @@ class RuleDistillModule(nn.Module):
         from transformers.masking_utils import create_causal_mask
 
         dec = causal_lm(self.model).model
-        t_ids, t_attn, t_pos, state, t_idx = self._teacher_input(batch)
+        t_ids, t_attn, t_pos, state, t_idx, prefix = self._teacher_input(batch)
         s_ids, s_attn = batch["student_input_ids"], batch["student_attention_mask"]
         s_pos = batch["student_position_ids"]
         mode = self.teacher_mode
 
+        p_h = p_pe = None
+        if prefix is not None:  # the prefix alone, as a third stream through the same layers
+            p_ids, p_pos, p_state = prefix
+            with teacher_view(dec.embed_tokens, mode):
+                p_h = dec.embed_tokens(p_ids)
+                p_pe = dec.rotary_emb(p_h, position_ids=p_pos)
         with teacher_view(dec.embed_tokens, mode):
             t_h = dec.embed_tokens(t_ids)
         s_h = dec.embed_tokens(s_ids)
@@ -329,11 +339,17 @@ class RuleDistillModule(nn.Module):
         s_pe = dec.rotary_emb(s_h, position_ids=s_pos)
         t_hidden, s_hidden = [t_h], [s_h]
         for layer in dec.layers[: dec.config.num_hidden_layers]:
+            if p_h is not None:
+                with teacher_view(layer, mode), active(p_state):
+                    p_h = layer(p_h, attention_mask=None, position_embeddings=p_pe,
+                                position_ids=p_pos)
             with teacher_view(layer, mode), active(state):
                 t_h = layer(t_h, attention_mask=t_mask, position_embeddings=t_pe, position_ids=t_pos)
             s_h = layer(s_h, attention_mask=s_mask, position_embeddings=s_pe, position_ids=s_pos)
             t_hidden.append(t_h)
             s_hidden.append(s_h)
+        if prefix is not None:
+            finish(p_state, dec.config.num_hidden_layers)
         finish(state, dec.config.num_hidden_layers)
         with teacher_view(dec.norm, mode):
             t_last = dec.norm(t_h)
@@ -356,8 +372,12 @@ class RuleDistillModule(nn.Module):
             self.last_targets = None
             self.counters["teacher_cached"] += 1
             return list(states[:-1].unbind(0)), states[-1]
-        ids, attn, pos, state, t_idx = self._teacher_input(batch)
+        ids, attn, pos, state, t_idx, prefix = self._teacher_input(batch)
         dec = causal_lm(self.model).model
+        if prefix is not None:  # build the rule-prefix cache: the prefix alone, once
+            with teacher_view(self.model, self.teacher_mode), active(prefix[2]):
+                dec(input_ids=prefix[0], position_ids=prefix[1], use_cache=False)
+            finish(prefix[2], dec.config.num_hidden_layers)
         with teacher_view(self.model, self.teacher_mode), active(state):
             out = dec(input_ids=ids, attention_mask=attn, position_ids=pos,
                       output_hidden_states=True, use_cache=False)

@@ -3,14 +3,18 @@
 Every teacher sequence is ``rule prefix (P tokens, identical in all rows) + suffix (S_b tokens)``.
 Instead of running P prefix tokens through the model for each of the B rows, the teacher pass
 
-* **build** (first use, or after the weights changed): runs one *packed* sequence
-  ``[prefix ; suffix_1 ; … ; suffix_B]`` (length P + B·S) through the decoder. In every attention
-  layer the prefix tokens attend causally to themselves, and each suffix attends to the prefix and
-  causally to its own row. The prefix's K/V (after RoPE) are kept, one copy per layer;
-* **use**: runs only the suffixes ``[B, S]`` and attends to the kept prefix K/V.
-
-Both are the same sequence of module calls as an ordinary decoder call (only shapes differ), so
-DeepSpeed ZeRO-3's prefetch trace stays valid whether a step builds or uses the cache.
+* **use**: runs only the suffixes ``[B, S]`` and attends to the kept prefix K/V (after RoPE, one
+  copy per layer);
+* **build**, when the cache is rebuilt every optimizer step (the teacher is the live model): one
+  *packed* sequence ``[prefix ; suffix_1 ; … ; suffix_B]`` (length P + B·S) goes through the
+  decoder; in every layer the prefix tokens attend causally to themselves and each suffix attends
+  to the prefix and causally to its own row. It is the same sequence of module calls as *use*
+  (only shapes differ), so DeepSpeed ZeRO-3's prefetch trace stays valid whether a micro-batch
+  builds or uses the cache;
+* **prefix**, when the cache is built once per run (a frozen teacher): the prefix alone ``[1, P]``
+  first, then *use*. Every step's suffixes are then computed the same way, so a resumed run
+  reproduces the uninterrupted one exactly; the extra module calls of that one step cost one
+  re-recording of ZeRO-3's prefetch trace per run.
 
 The suffix attention splits the keys into prefix and suffix (Hydragen; FlashInfer's cascade
 attention is the GPU analogue). With queries q (B·g·S of them per KV head, g = query heads per KV
@@ -133,7 +137,10 @@ def prefix_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     layer = module.layer_idx
     cache, B, S = state.cache, state.batch, state.suffix_len
-    if state.mode == "build":
+    if state.mode == "prefix":  # the prefix alone [1, H, P, D]: keep its K/V, causal attention
+        cache.keys[layer], cache.values[layer] = key[0].detach(), value[0].detach()
+        out = _sdpa_causal(query, key, value, scale)
+    elif state.mode == "build":
         P = cache.length
         kp, vp = key[0, :, :P], value[0, :, :P]
         cache.keys[layer], cache.values[layer] = kp.detach(), vp.detach()
@@ -186,21 +193,33 @@ def install(model: torch.nn.Module) -> None:
 # Running a teacher pass with the prefix
 # --------------------------------------------------------------------------------------------------
 def teacher_inputs(cache: PrefixKV, prefix_ids_P: torch.Tensor, suffix_ids_BS: torch.Tensor,
-                   suffix_mask_BS: torch.Tensor, suffix_pos_BS: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, _Pass]:
+                   suffix_mask_BS: torch.Tensor, suffix_pos_BS: torch.Tensor, packed: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, _Pass,
+                              tuple[torch.Tensor, torch.Tensor, _Pass] | None]:
     """The decoder input of a teacher pass with the rule prefix: ``(input_ids, position_ids,
-    state)``. Builds the cache (packed ``[1, P + B·S]`` input) if it is not valid, else uses it
-    (``[B, S]``). Run the decoder's attention calls — and its mask creation — under
-    :func:`active` ``(state)``, then :func:`suffix_rows` maps its hidden states to ``[B, S, H]``."""
+    state, prefix_pass)``. Run the decoder's attention calls — and its mask creation — under
+    :func:`active` ``(state)``, then :func:`suffix_rows` maps its hidden states to ``[B, S, H]``.
+
+    With a valid cache: the suffixes ``[B, S]``, reading it. Otherwise the cache is built:
+    ``packed`` — one packed ``[1, P + B·S]`` sequence computes the prefix and the suffixes in one
+    decoder call (the same module calls as using the cache: for a cache rebuilt every step);
+    else ``prefix_pass = (ids [1, P], positions, state)`` is a decoder call on the prefix alone to
+    run first (then :func:`finish` it), after which the suffixes read the cache exactly as on every
+    later step — so a run resumed mid-way computes what the uninterrupted run did."""
     B, S = suffix_ids_BS.shape
     mask = suffix_mask_BS.bool()
     if cache.valid:
-        return suffix_ids_BS, suffix_pos_BS, _Pass("use", cache, mask, B, S)
+        return suffix_ids_BS, suffix_pos_BS, _Pass("use", cache, mask, B, S), None
     P = cache.length
-    ids = torch.cat([prefix_ids_P.to(suffix_ids_BS), suffix_ids_BS.reshape(-1)])[None]
-    pos = torch.cat([torch.arange(P, device=suffix_pos_BS.device), suffix_pos_BS.reshape(-1)])[None]
     cache.invalidate()
-    return ids, pos, _Pass("build", cache, mask, B, S)
+    prefix_pos = torch.arange(P, device=suffix_pos_BS.device)
+    if not packed:
+        prefix = (prefix_ids_P.to(suffix_ids_BS)[None], prefix_pos[None],
+                  _Pass("prefix", cache, mask, B, S))
+        return suffix_ids_BS, suffix_pos_BS, _Pass("use", cache, mask, B, S), prefix
+    ids = torch.cat([prefix_ids_P.to(suffix_ids_BS), suffix_ids_BS.reshape(-1)])[None]
+    pos = torch.cat([prefix_pos, suffix_pos_BS.reshape(-1)])[None]
+    return ids, pos, _Pass("build", cache, mask, B, S), None
 
 
 @contextlib.contextmanager
@@ -220,7 +239,7 @@ def active(state: _Pass | None) -> Iterator[None]:
 
 def finish(state: _Pass | None, num_layers: int) -> None:
     """After a teacher pass: a building pass's cache becomes valid (checked complete)."""
-    if state is not None and state.mode == "build":
+    if state is not None and state.mode in ("build", "prefix"):
         if len(state.cache.keys) != num_layers:
             raise RuntimeError(f"the prefix pass stored K/V for {len(state.cache.keys)} of "
                                f"{num_layers} layers: does every layer use the attention interface?")
@@ -236,14 +255,18 @@ def suffix_rows(state: _Pass, h: torch.Tensor) -> torch.Tensor:
 
 def run_with_prefix(decoder: torch.nn.Module, cache: PrefixKV, prefix_ids_P: torch.Tensor,
                     suffix_ids_BS: torch.Tensor, suffix_mask_BS: torch.Tensor,
-                    suffix_pos_BS: torch.Tensor, output_hidden_states: bool = True
-                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+                    suffix_pos_BS: torch.Tensor, output_hidden_states: bool = True,
+                    packed: bool = True) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """Run the decoder (the ``…Model`` under the LM head) on the suffixes with the rule prefix in
-    context. Builds ``cache`` first if it is not valid. Returns the suffixes' last hidden state
-    ``[B, S, H]`` and, if asked, every hidden state (embeddings … final norm) as ``[B, S, H]``.
-    Call under ``no_grad`` with the model in eval mode."""
-    ids, pos, state = teacher_inputs(cache, prefix_ids_P, suffix_ids_BS, suffix_mask_BS,
-                                     suffix_pos_BS)
+    context. Builds ``cache`` first if it is not valid (see :func:`teacher_inputs` for
+    ``packed``). Returns the suffixes' last hidden state ``[B, S, H]`` and, if asked, every hidden
+    state (embeddings … final norm) as ``[B, S, H]``. Call under ``no_grad`` in eval mode."""
+    ids, pos, state, prefix = teacher_inputs(cache, prefix_ids_P, suffix_ids_BS, suffix_mask_BS,
+                                             suffix_pos_BS, packed)
+    if prefix is not None:
+        with active(prefix[2]):
+            decoder(input_ids=prefix[0], position_ids=prefix[1], use_cache=False)
+        finish(prefix[2], decoder.config.num_hidden_layers)
     with active(state):
         out = decoder(input_ids=ids, position_ids=pos, output_hidden_states=output_hidden_states,
                       use_cache=False)

@@ -21,12 +21,12 @@ def plain_teacher(model, batch):
     return [h.reshape(-1, h.shape[-1])[idx] for h in out.hidden_states]
 
 
-def cached_teacher(model, batch, cache, prefix_ids):
+def cached_teacher(model, batch, cache, prefix_ids, packed=True):
     with torch.no_grad():
         _, hidden = run_with_prefix(causal_lm(model).model, cache, torch.tensor(prefix_ids),
                                     batch["teacher_suffix_input_ids"],
                                     batch["teacher_suffix_attention_mask"],
-                                    batch["teacher_suffix_position_ids"])
+                                    batch["teacher_suffix_position_ids"], packed=packed)
     idx = batch["teacher_suffix_distill_index"]
     return [h.reshape(-1, h.shape[-1])[idx] for h in hidden]
 
@@ -44,9 +44,10 @@ def mid_word_data(tok):
     return Encoder(tok).encode(rows)
 
 
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_cached_teacher_equals_plain(side, dtype):
+def test_cached_teacher_equals_plain(side, dtype, packed):
     model, tok = load_model("tiny", seed=11, dtype=dtype)
     model.eval()
     from rdcore.prefix_attention import install
@@ -61,7 +62,7 @@ def test_cached_teacher_equals_plain(side, dtype):
             batch = collate(data.examples[:bsz], tok.pad_token_id, padding_side=side, prefix_len=P)
             plain = plain_teacher(model, batch)
             building = not cache.valid
-            got = cached_teacher(model, batch, cache, prefix_ids)
+            got = cached_teacher(model, batch, cache, prefix_ids, packed)
             assert cache.valid and len(cache.keys) == model.config.num_hidden_layers
             lm = causal_lm(model).lm_head
             # logits at the distilled rows, compared in fp32 (both from the same weight)

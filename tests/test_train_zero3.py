@@ -187,7 +187,9 @@ def test_teacher_pass_keeps_the_prefetch_trace(tmp_path):
         out = tmp_path / ft
         proc = launch(out, 2, "--method", "rule_distill_base", "--finetune", ft,
                       "--ds_config", str(cfg_path), "--save_model", "off")
-        assert count(proc) == 0
+        # full: the cache is rebuilt every step in one packed call, so never; LoRA: built once with
+        # a prefix-only call, whose step-1 module calls are re-recorded once
+        assert count(proc) == (0 if ft == "full" else 1)
         assert metrics(out)[-1]["rank0_prefix_builds"] == (4 if ft == "full" else 1)
 
 
@@ -262,24 +264,28 @@ def invalidations(proc: subprocess.CompletedProcess) -> int:
     return (proc.stdout + proc.stderr).count("Invalidate trace cache")
 
 
-def test_prefix_cache_full_mode_same_curve(reference, tmp_path):
-    """Full fine-tuning (the teacher is the live model: the prefix is recomputed every step): the
-    reference run (cache on, the default) and a run without the cache give the same curve. The
-    losses are small differences of nearly equal teacher/student states, so fp32 noise of the
-    teacher (~1e-6 relative, see tests/test_prefix_cache.py) shows at ~1e-4 in them."""
-    launch(tmp_path, 2, *FULL, "--prefix_cache", "off", "--save_model", "off")
-    assert_same_curve(metrics(tmp_path), metrics(reference), rel=2e-3,
-                      keys=("loss", "kl", "hidden_mse"))
-    on = metrics(reference)[-1]
-    assert on["rank0_prefix_builds"] == 4  # once per optimizer step, never per sample
-    assert metrics(tmp_path)[-1]["rank0_prefix_builds"] == 0
+def test_prefix_cache_full_mode_same_curve(tmp_path):
+    """Full fine-tuning (the teacher is the live model: the prefix is recomputed every step), 5
+    steps: the curves with the cache on and off are the same. The losses are small differences of
+    nearly equal teacher/student states, so fp32 noise of the teacher (~1e-6 relative, see
+    tests/test_prefix_cache.py) shows at ~1e-4 in them."""
+    on, off = tmp_path / "on", tmp_path / "off"
+    # lr 1e-4 (the paper's): Adam turns fp32 noise in near-zero gradient entries into updates of
+    # size ~lr, which a large lr would amplify beyond the effect under test (as in the split test)
+    flags = (*FULL, "--epochs", "2", "--max_steps", "5", "--save_model", "off", "--lr", "1e-4")
+    launch(on, 2, *flags, "--prefix_cache", "on")
+    launch(off, 2, *flags, "--prefix_cache", "off")
+    assert len(metrics(on)) == 5
+    assert_same_curve(metrics(on), metrics(off), rel=2e-3, keys=("loss", "kl", "hidden_mse"))
+    assert metrics(on)[-1]["rank0_prefix_builds"] == 5  # once per optimizer step, never per sample
+    assert metrics(off)[-1]["rank0_prefix_builds"] == 0
 
 
 def test_lora_prefix_and_teacher_caches_same_curve_and_trace(tmp_path):
     """LoRA (frozen teacher), 3 epochs of 8 examples on 2 ranks: prefix cache on/off and teacher-
     target cache on/off give the same curve; the prefix is computed once per run; from epoch 2 the
-    teacher pass is skipped; the ZeRO-3 prefetch trace is invalidated at most once (when the
-    teacher pass first drops out), never by the prefix cache."""
+    teacher pass is skipped; the ZeRO-3 prefetch trace is re-recorded once after the step that
+    built the prefix and once when the teacher pass drops out, never otherwise."""
     ds = trace_config(tmp_path)
     flags = ("--method", "rule_distill_base", "--finetune", "lora", "--epochs", "3",
              "--lora_dropout", "0", "--save_model", "off", "--ds_config", str(ds), "--max_steps", "0")
@@ -296,8 +302,7 @@ def test_lora_prefix_and_teacher_caches_same_curve_and_trace(tmp_path):
     assert last["rank0_prefix_builds"] == 1
     assert last["rank0_teacher_passes"] == 4 and last["rank0_teacher_cached"] == 8
     assert prefix_only[0][-1]["rank0_teacher_passes"] == 12
-    assert prefix_only[1] == 0 and none[1] == 0
-    assert both[1] <= 1
+    assert none[1] == 0 and prefix_only[1] == 1 and both[1] == 2
 
 
 def test_interleaved_passes_same_curve_less_allgather(tmp_path):
