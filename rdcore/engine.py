@@ -93,9 +93,27 @@ def _put(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[last] = value
 
 
-def ds_config_for(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+MODEL_DERIVED = {
+    # ZeRO-3 sizes from the model's shape (H = hidden size), for "auto" values in a config file
+    "zero_optimization.reduce_bucket_size": lambda H, layer, local: H * H,
+    "zero_optimization.stage3_prefetch_bucket_size": lambda H, layer, local: int(0.9 * H * H),
+    "zero_optimization.stage3_param_persistence_threshold": lambda H, layer, local: 10 * H,
+    # one decoder layer: its parameters stay gathered between its teacher and student calls (the
+    # layer-interleaved passes) and are released before the next layer's
+    "zero_optimization.stage3_max_reuse_distance": lambda H, layer, local: layer,
+    "zero_optimization.stage3_max_live_parameters": lambda H, layer, local: 3 * layer,
+    # ZeRO++ hpZ: a secondary parameter partition within each node
+    "zero_optimization.zero_hpz_partition_size": lambda H, layer, local: local,
+}
+"""Config keys that may be ``"auto"``: filled from (hidden size, elements of one decoder layer,
+ranks per node)."""
+
+
+def ds_config_for(cfg: TrainConfig, world_size: int, hidden_size: int = 0, layer_numel: int = 0
+                  ) -> dict[str, Any]:
     """Load ``cfg.ds_config`` and fill in the values the trainer owns (batch sizes, lr, weight
-    decay, precision). A file value that disagrees with the flags is an error, not overridden."""
+    decay, precision). A file value that disagrees with the flags is an error, not overridden.
+    ``"auto"`` values of :data:`MODEL_DERIVED` keys are derived from the model's shape."""
     with open(cfg.ds_config) as fh:
         try:
             ds = json.load(fh)
@@ -119,6 +137,13 @@ def ds_config_for(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
                               f"{value!r} (set by --{TRAINER_OWNED[key].split(' ')[0]}); remove it "
                               "from the DeepSpeed config or change the flag")
         _put(ds, key, value)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    for key, rule in MODEL_DERIVED.items():
+        if _get(ds, key) == "auto":
+            if not hidden_size or not layer_numel:
+                raise ConfigError(f"{cfg.ds_config}: {key} is \"auto\" but the model's shape is "
+                                  "unknown here")
+            _put(ds, key, rule(hidden_size, layer_numel, local))
     ds.setdefault("optimizer", {}).setdefault("type", "AdamW")
     if not torch.cuda.is_available():
         ds["optimizer"]["params"].setdefault("torch_adam", True)  # no CPU-Adam compilation
@@ -127,9 +152,9 @@ def ds_config_for(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
 
 
 def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int,
-                 lr_lambda: Any) -> Any:
+                 lr_lambda: Any, hidden_size: int = 0, layer_numel: int = 0) -> Any:
     """``deepspeed.initialize`` with a LambdaLR schedule (stepped by DeepSpeed per optimizer step)."""
-    ds = ds_config_for(cfg, world_size)
+    ds = ds_config_for(cfg, world_size, hidden_size, layer_numel)
     params = [p for p in module.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=params, config=ds,

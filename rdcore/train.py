@@ -258,7 +258,10 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
                  "on" if use_targets else "off (live teacher)" if cfg.teacher_cache else "off",
                  "layer-interleaved" if use_interleave else
                  "sequential (not a Llama model)" if cfg.interleave else "sequential")
-    engine = eng.build_engine(module, cfg, world, lr_lambda_for(cfg, total))
+    lm = causal_lm(model)
+    engine = eng.build_engine(module, cfg, world, lr_lambda_for(cfg, total),
+                              hidden_size=lm.config.hidden_size,
+                              layer_numel=sum(p.numel() for p in lm.model.layers[0].parameters()))
     shard = eng.partition_stats(engine.module)
     trainable = sum(p.numel() if not hasattr(p, "ds_numel") else p.ds_numel
                     for p in engine.module.parameters() if p.requires_grad)

@@ -138,6 +138,19 @@ def test_deepspeed_config_conflicts_are_errors(tmp_path):
         ds_config_for(TrainConfig(ds_config=str(path), micro_batch_size=2), 2)
     ds = ds_config_for(TrainConfig(ds_config=str(path), micro_batch_size=4, grad_accum=3), 2)
     assert ds["train_batch_size"] == 24 and ds["optimizer"]["params"]["lr"] == 1e-4
+    path.write_text(json.dumps({"zero_optimization": {
+        "stage": 3, "reduce_bucket_size": "auto", "stage3_max_reuse_distance": "auto",
+        "stage3_param_persistence_threshold": "auto", "stage3_prefetch_bucket_size": 7}}))
+    ds = ds_config_for(TrainConfig(ds_config=str(path)), 2, hidden_size=64, layer_numel=5000)
+    zo = ds["zero_optimization"]
+    assert zo["reduce_bucket_size"] == 4096 and zo["stage3_max_reuse_distance"] == 5000
+    assert zo["stage3_param_persistence_threshold"] == 640 and zo["stage3_prefetch_bucket_size"] == 7
+    with pytest.raises(ConfigError, match="shape is unknown"):
+        ds_config_for(TrainConfig(ds_config=str(path)), 2)
+    for name in ("zero3_multinode_bf16.json", "zero3_multinode_zeropp.json"):  # shipped files
+        ds = ds_config_for(TrainConfig(ds_config=f"ds_configs/{name}", precision="bf16"), 16,
+                           hidden_size=4096, layer_numel=218_112_000)
+        assert "auto" not in json.dumps(ds)
     path.write_text("{oops")
     with pytest.raises(ConfigError, match="malformed JSON"):
         ds_config_for(TrainConfig(ds_config=str(path)), 1)
