@@ -218,6 +218,15 @@ def comm_bytes() -> dict[str, int]:
             for op, sizes in comms_logger.comms_dict.items()}
 
 
+def peak_memory_mib() -> float:
+    """This process's peak memory: CUDA ``max_memory_allocated``, or on CPU the peak resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -306,6 +306,8 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
         global_tokens = sum(data[i].response_len for i, w in global_batch if w > 0)
         scale = world * cfg.grad_accum / max(global_tokens, 1)
         sums: dict[str, float] = {}
+        student_positions = 0
+        teacher_before = module.counters["teacher_tokens"]
         comm_before = eng.comm_bytes()
         t0 = time.perf_counter()
         if module.prefix is not None and cfg.teacher_mode == "live":
@@ -317,6 +319,8 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
             batch["example_ids"] = torch.tensor(ids, dtype=torch.long)
             batch["rows_per_example"] = torch.tensor([data[i].response_len for i in ids])
             row_w = torch.cat([torch.full((data[i].response_len,), w) for i, w in mb])
+            student_positions += batch["student_input_ids" if cfg.method != "inst_tune_rule"
+                                       else "teacher_input_ids"].numel()
             if module.targets is not None:  # skip the teacher only if every rank can (ZeRO-3)
                 module.teacher_from_cache = not eng.any_rank(not module.targets.has_all(ids))
             loss, stats = engine(batch, row_w, scale)
@@ -340,8 +344,13 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
         row = {"stage": stage.name, "step": step + 1, "loss": total_loss, **terms,
                "tokens": global_tokens, "lr": engine.get_lr()[0],
                "step_time_s": time.perf_counter() - t0}
-        if cfg.distill:  # this rank's teacher work so far
+        # this rank's work: token positions with gradients this step (padding included), the
+        # teacher's (forward only), the teacher counters so far, peak memory
+        row["rank0_student_positions"] = student_positions
+        if cfg.distill:
+            row["rank0_teacher_positions"] = module.counters["teacher_tokens"] - teacher_before
             row.update({f"rank0_{k}": v for k, v in module.counters.items()})
+        row["rank0_peak_mem_mib"] = eng.peak_memory_mib()
         comm_after = eng.comm_bytes()  # with DeepSpeed's comms_logger on: this step's traffic
         for op, total in comm_after.items():
             row[f"rank0_comm_{op}_bytes"] = total - comm_before.get(op, 0)
