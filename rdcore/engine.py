@@ -279,13 +279,23 @@ def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
     if ws_file.is_file() and int(ws_file.read_text()) != dist.get_world_size():
         raise ConfigError(
             f"{ckpt_dir} was written by {int(ws_file.read_text())} ranks but this run has "
-            f"{dist.get_world_size()}: resume with the same number of ranks, or consolidate it with "
-            f"`python {ckpt_dir}/zero_to_fp32.py {ckpt_dir} <out>` and start a new run from that")
+            f"{dist.get_world_size()}: resume with the same number of ranks, or turn its last "
+            f"complete checkpoint into a model folder with `python -m rdcore.consolidate "
+            f"{ckpt_dir.parent.parent} <out>` and start a new run with --model <out> (the optimizer "
+            f"state and the step count are not carried over)")
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise ConfigError(f"{ckpt_dir}/{tag} could not be loaded")
     _load_rng(ckpt_dir / tag / f"rng_rank{dist.get_rank()}.safetensors")
     return client_state
+
+
+def checkpoint_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of a ZeRO checkpoint, gathered from its shards on the CPU (any
+    number of ranks wrote it; no process group needed)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 
 
 def _save_rng(path: Path) -> None:

@@ -168,6 +168,14 @@ def test_enhanced_lora_two_stages_and_merged_model(tmp_path):
     assert not info["missing_keys"]
     assert not any("lora" in n for n, _ in merged.named_parameters())
     assert (tmp_path / "final" / "adapter").is_dir()
+    # LoRA consolidation of the last stage's checkpoint (base + student adapter) = the final model
+    from rdcore.consolidate import consolidate
+
+    used = consolidate(tmp_path, tmp_path / "consolidated")
+    assert used.parent.name == "distill"
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "consolidated")
+    for (name, a), (_, b) in zip(got.named_parameters(), merged.named_parameters()):
+        assert torch.equal(a, b), name
 
 
 def test_teacher_pass_keeps_the_prefetch_trace(tmp_path):
@@ -204,6 +212,24 @@ def test_instruction_tuning_and_world_size_mismatch(reference, tmp_path):
     proc = launch(mismatch, 1, *FULL, "--save_every", "1", "--resume", "on", check=False)
     assert proc.returncode != 0
     assert "written by 2 ranks but this run has 1" in proc.stdout + proc.stderr
+    assert "python -m rdcore.consolidate" in proc.stdout + proc.stderr
+    # the way out the error names: the 2-rank checkpoint becomes a model folder, which a 1-rank run
+    # continues from (weights carried over: equal to the run's final model)
+    folder = tmp_path / "consolidated"
+    done = subprocess.run([sys.executable, "-m", "rdcore.consolidate", str(reference), str(folder)],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    got = AutoModelForCausalLM.from_pretrained(folder)
+    final = AutoModelForCausalLM.from_pretrained(reference / "final")
+    for (name, a), (_, b) in zip(got.named_parameters(), final.named_parameters()):
+        assert torch.equal(a, b), name
+    launch(tmp_path / "continued", 1, *FULL, "--model", str(folder), "--max_steps", "1",
+           "--save_model", "off")
+    again = subprocess.run([sys.executable, "-m", "rdcore.consolidate", str(reference), str(folder)],
+                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "exists" in again.stderr
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
