@@ -105,7 +105,9 @@ class TrainConfig:
     """Save a checkpoint and exit after this optimizer step (0: never); resume later with the same
     flags. For splitting a run across time-limited job allocations (and for testing resumption)."""
     resume: bool = False
-    """Continue the run in output_dir from its last complete checkpoint (same flags)."""
+    """Continue the run in output_dir from its last complete checkpoint (same flags; on another
+    number of ranks, grad_accum/micro_batch_size may change so that the global batch stays the
+    same, and the checkpoint is converted to DeepSpeed's universal format)."""
     overwrite: bool = False
     """Delete an existing run in output_dir and start afresh."""
     tensorboard: bool = True

@@ -7,8 +7,10 @@ it; runs on one CPU process, no DeepSpeed launcher).
 Full fine-tuning: the ZeRO shards are gathered into fp32 weights. LoRA: the checkpoint's student
 adapter (``adapter.safetensors``) is merged into the base model; the adapter folder is written too.
 The result loads with ``AutoModelForCausalLM.from_pretrained`` and with ``--model <out>``. Use it to
-continue on a different number of ranks (a checkpoint resumes only on the number that wrote it):
-the weights carry over, the optimizer state and step count do not.
+start a new run from a checkpoint: the weights carry over, the optimizer state and step count do not.
+(To *continue* a run on a different number of ranks, just ``--resume on`` it with the same global
+batch: the trainer converts the checkpoint to DeepSpeed's universal format and keeps the optimizer
+state.)
 """
 
 from __future__ import annotations

@@ -260,34 +260,96 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any
 
 
 def latest_complete(ckpt_dir: Path) -> str | None:
-    """The newest complete checkpoint tag in ``ckpt_dir`` (``None`` if there is none)."""
+    """The newest complete checkpoint tag in ``ckpt_dir`` (``None`` if there is none; converted
+    ``<tag>.universal`` copies are not checkpoints of their own)."""
     pointer = ckpt_dir / "latest_complete"
     if pointer.is_file():
         tag = pointer.read_text().strip()
         if (ckpt_dir / tag / "COMPLETE").is_file():
             return tag
-    tags = [p.name for p in ckpt_dir.glob("step*") if (p / "COMPLETE").is_file()]
+    tags = [p.name for p in ckpt_dir.glob("step*")
+            if p.name[4:].isdigit() and (p / "COMPLETE").is_file()]
     return max(tags, key=lambda t: int(t[4:]), default=None)
 
 
-def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
-    """Load the newest complete checkpoint in ``ckpt_dir``; ``None`` if there is none."""
+def checkpoint_info(ckpt_dir: Path) -> tuple[str, dict[str, Any]] | None:
+    """The newest complete checkpoint's tag and the state its ``COMPLETE`` marker holds (``step``,
+    ``world_size``, ``global_batch``); ``None`` if ``ckpt_dir`` holds no complete checkpoint."""
     tag = latest_complete(ckpt_dir) if ckpt_dir.is_dir() else None
     if tag is None:
         return None
-    ws_file = ckpt_dir / "world_size"
-    if ws_file.is_file() and int(ws_file.read_text()) != dist.get_world_size():
+    state = json.loads((ckpt_dir / tag / "COMPLETE").read_text() or "{}")
+    if "world_size" not in state:  # written before the marker carried it
+        ws_file = ckpt_dir / "world_size"
+        state["world_size"] = int(ws_file.read_text()) if ws_file.is_file() else None
+    return tag, state
+
+
+def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
+    """Load the newest complete checkpoint in ``ckpt_dir``; ``None`` if there is none.
+
+    A checkpoint written by a different number of ranks is first converted (once, by rank 0, next
+    to the original as ``<tag>.universal``) to DeepSpeed's universal format — one file per parameter
+    for the fp32 weights and both Adam moments — and loaded from there, so weights, optimizer state,
+    learning-rate schedule and step count all carry over. Each rank's random stream cannot carry
+    over across world sizes; the new ranks keep the seeding the run did before loading. The caller
+    checks that the global batch is unchanged (:func:`checkpoint_info`)."""
+    found = checkpoint_info(ckpt_dir)
+    if found is None:
+        return None
+    tag, state = found
+    world = dist.get_world_size()
+    written_by = state["world_size"] or world
+    resized = written_by != world
+    load_tag = tag
+    if resized:
+        load_tag = to_universal(ckpt_dir, tag)
+        engine._config.load_universal_checkpoint = True  # read by engine.load_checkpoint only
+    try:
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag)
+    except Exception as e:  # re-raised with what to do about it
+        if not resized:
+            raise
         raise ConfigError(
-            f"{ckpt_dir} was written by {int(ws_file.read_text())} ranks but this run has "
-            f"{dist.get_world_size()}: resume with the same number of ranks, or turn its last "
-            f"complete checkpoint into a model folder with `python -m rdcore.consolidate "
-            f"{ckpt_dir.parent.parent} <out>` and start a new run with --model <out> (the optimizer "
-            f"state and the step count are not carried over)")
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+            f"{ckpt_dir}/{tag} (written by {written_by} ranks) could not be loaded on {world} "
+            f"ranks through DeepSpeed's universal checkpoint ({type(e).__name__}: {e}). Resume "
+            f"with {written_by} ranks, or turn it into a model folder with `python -m "
+            f"rdcore.consolidate {ckpt_dir.parent.parent} <out>` and start a new run with "
+            f"--model <out> (the optimizer state and the step count are then not carried over)"
+        ) from e
+    finally:
+        engine._config.load_universal_checkpoint = False
     if path is None:
-        raise ConfigError(f"{ckpt_dir}/{tag} could not be loaded")
-    _load_rng(ckpt_dir / tag / f"rng_rank{dist.get_rank()}.safetensors")
+        raise ConfigError(f"{ckpt_dir}/{load_tag} could not be loaded")
+    if not resized:
+        _load_rng(ckpt_dir / tag / f"rng_rank{dist.get_rank()}.safetensors")
     return client_state
+
+
+def to_universal(ckpt_dir: Path, tag: str) -> str:
+    """Rank 0 converts ``ckpt_dir/tag`` to DeepSpeed's universal format in
+    ``ckpt_dir/<tag>.universal`` (unless a complete conversion is there); returns that tag."""
+    out_tag = f"{tag}.universal"
+    out = ckpt_dir / out_tag
+    if dist.get_rank() == 0 and not (out / "COMPLETE").is_file():
+        import shutil
+        import subprocess
+        import sys
+
+        tmp = ckpt_dir / f"{out_tag}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               str(ckpt_dir / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ConfigError(f"converting {ckpt_dir / tag} to a universal checkpoint failed:\n"
+                              f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        (out / "COMPLETE").write_text((ckpt_dir / tag / "COMPLETE").read_text())
+    dist.barrier()
+    return out_tag
 
 
 def checkpoint_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:

@@ -65,8 +65,10 @@ log = logging.getLogger("rdcore.train")
 
 RESUMABLE_FIELDS = {"resume", "overwrite", "stop_at_step", "save_every", "tensorboard", "output_dir",
                     "save_model", "prefix_cache", "teacher_cache", "teacher_cache_gb",
-                    "interleave"}
-"""Fields that may differ between a run and its resumption."""
+                    "interleave", "grad_accum", "micro_batch_size"}
+"""Fields that may differ between a run and its resumption (``grad_accum`` and ``micro_batch_size``
+only as long as the global batch, ``world · grad_accum · micro_batch_size``, stays the same: see
+:func:`check_resume`)."""
 
 
 class TrainingError(RdcoreError):
@@ -228,6 +230,34 @@ def _export(stage: Stage, engine: Any, model: Any, tokenizer: Any, out: Path, ra
     eng.barrier()
 
 
+def check_resume(cfg: TrainConfig, ckpt_dir: Path, world: int) -> None:
+    """A run resumes on any number of ranks, but only with the global batch it was written with:
+    the data order, the loss normalisation and the learning-rate schedule all depend on it."""
+    found = eng.checkpoint_info(ckpt_dir)
+    if found is None:
+        return
+    tag, state = found
+    now = world * cfg.grad_accum * cfg.micro_batch_size
+    before = state.get("global_batch")
+    if before is None:
+        if state["world_size"] not in (None, world):
+            raise ConfigError(f"{ckpt_dir}/{tag} does not record its global batch, so it resumes "
+                              f"only on the {state['world_size']} ranks that wrote it")
+        return
+    if before != now:
+        need = before / (world * cfg.micro_batch_size)
+        hint = (f"--grad_accum {int(need)}" if need == int(need) and need >= 1 else
+                "a micro_batch_size and grad_accum whose product with the world size is "
+                f"{before}")
+        raise ConfigError(
+            f"{ckpt_dir}/{tag} was written with a global batch of {before} "
+            f"({state['world_size']} ranks); this run's is {now} ({world} ranks × grad_accum "
+            f"{cfg.grad_accum} × micro_batch_size {cfg.micro_batch_size}): resume with {hint}")
+    if state["world_size"] != world:
+        log.info("resuming %s (written by %s ranks) on %d ranks: converting it to DeepSpeed's "
+                 "universal checkpoint", tag, state["world_size"], world)
+
+
 def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
     cfg = stage.cfg
     ckpt_dir = out / "checkpoints" / stage.name
@@ -235,6 +265,8 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
     if done_marker.is_file() and (stage.export_adapter is None or stage.export_adapter.is_file()):
         log.info("stage %s already complete", stage.name)
         return
+    if cfg.resume:
+        check_resume(cfg, ckpt_dir, world)
     model, tokenizer = load_model(cfg.model, dtype=cfg.torch_dtype, seed=cfg.seed)
     if cfg.finetune == "lora":
         model = add_lora(model, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
@@ -298,7 +330,9 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
         bar = tqdm(total=total, initial=start, desc=stage.name, unit="step", dynamic_ncols=True)
 
     def checkpoint(at: int) -> None:
-        eng.save_checkpoint(engine, ckpt_dir, at, {"step": at, "world_size": world},
+        state = {"step": at, "world_size": world,
+                 "global_batch": world * cfg.grad_accum * cfg.micro_batch_size}
+        eng.save_checkpoint(engine, ckpt_dir, at, state,
                             (lambda: _student_adapter(engine)) if cfg.finetune == "lora" else None)
 
     for step in range(start, total):
