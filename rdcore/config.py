@@ -101,6 +101,9 @@ class TrainConfig:
     """DeepSpeed JSON config; batch sizes and optimizer settings are filled in from this config."""
     save_every: int = 0
     """Save a resumable checkpoint every this many optimizer steps (0: only at the end)."""
+    keep_checkpoints: int = 0
+    """Keep only this many newest complete checkpoints per stage, deleting older ones (and their
+    converted ``.universal`` copies) once a newer one is complete (0: keep all)."""
     stop_at_step: int = 0
     """Save a checkpoint and exit after this optimizer step (0: never); resume later with the same
     flags. For splitting a run across time-limited job allocations (and for testing resumption)."""
@@ -141,7 +144,8 @@ class TrainConfig:
         for name in ("max_length", "epochs", "micro_batch_size", "grad_accum", "lora_r",
                      "lora_alpha"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "save_every", "stop_at_step", "beta", "alpha",
+        for name in ("max_steps", "warmup_steps", "save_every", "keep_checkpoints", "stop_at_step",
+                     "beta", "alpha",
                      "weight_decay", "stage1_epochs"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")

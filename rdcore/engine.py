@@ -233,7 +233,8 @@ def barrier() -> None:
 
 
 def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any],
-                    adapter: Callable[[], dict[str, torch.Tensor] | None] | None = None) -> None:
+                    adapter: Callable[[], dict[str, torch.Tensor] | None] | None = None,
+                    keep: int = 0) -> None:
     """A resumable DeepSpeed checkpoint (model shards, optimizer, scheduler, client state), each
     rank's random state, and (LoRA) the adapter as safetensors.
 
@@ -256,7 +257,34 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any
         tmp = ckpt_dir / "latest_complete.tmp"
         tmp.write_text(tag + "\n")
         os.replace(tmp, ckpt_dir / "latest_complete")
+        if keep:
+            prune_checkpoints(ckpt_dir, keep)
     dist.barrier()
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[str]:
+    """Delete all but the ``keep`` newest complete checkpoints, with their ``.universal`` copies
+    and any incomplete checkpoint older than the newest complete one; returns the deleted names.
+    Called only after a newer checkpoint is complete, so the newest complete one always stays."""
+    import shutil
+
+    def step_of(name: str) -> int | None:  # step12, step12.universal, step12.universal.tmp
+        base = name.split(".")[0]
+        return int(base[4:]) if base.startswith("step") and base[4:].isdigit() else None
+
+    complete = sorted(step_of(p.name) for p in ckpt_dir.glob("step*")
+                      if p.name[4:].isdigit() and (p / "COMPLETE").is_file())
+    if len(complete) <= keep:
+        return []
+    kept = set(complete[-keep:])
+    newest = complete[-1]
+    gone = []
+    for p in sorted(ckpt_dir.iterdir()):
+        s = step_of(p.name)
+        if p.is_dir() and s is not None and s not in kept and s < newest:
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p.name)
+    return gone
 
 
 def latest_complete(ckpt_dir: Path) -> str | None:

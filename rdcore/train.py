@@ -63,7 +63,8 @@ from rdcore.models import load_model
 
 log = logging.getLogger("rdcore.train")
 
-RESUMABLE_FIELDS = {"resume", "overwrite", "stop_at_step", "save_every", "tensorboard", "output_dir",
+RESUMABLE_FIELDS = {"resume", "overwrite", "stop_at_step", "save_every", "keep_checkpoints",
+                    "tensorboard", "output_dir",
                     "save_model", "prefix_cache", "teacher_cache", "teacher_cache_gb",
                     "interleave", "grad_accum", "micro_batch_size"}
 """Fields that may differ between a run and its resumption (``grad_accum`` and ``micro_batch_size``
@@ -333,7 +334,8 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
         state = {"step": at, "world_size": world,
                  "global_batch": world * cfg.grad_accum * cfg.micro_batch_size}
         eng.save_checkpoint(engine, ckpt_dir, at, state,
-                            (lambda: _student_adapter(engine)) if cfg.finetune == "lora" else None)
+                            (lambda: _student_adapter(engine)) if cfg.finetune == "lora" else None,
+                            keep=cfg.keep_checkpoints)
 
     for step in range(start, total):
         global_batch = schedule[step]

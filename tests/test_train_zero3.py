@@ -152,9 +152,13 @@ def test_loss_does_not_depend_on_how_the_batch_is_split(tmp_path, finetune):
 
 
 def test_enhanced_lora_two_stages_and_merged_model(tmp_path):
-    launch(tmp_path, 2, "--max_steps", "3", "--lr", "1e-2")  # default method: enhanced, LoRA
+    # default method: enhanced, LoRA; a checkpoint every step, only the newest one kept
+    launch(tmp_path, 2, "--max_steps", "3", "--lr", "1e-2", "--save_every", "1",
+           "--keep_checkpoints", "1")
     s1, s2 = metrics(tmp_path, "stage1"), metrics(tmp_path, "distill")
     assert len(s1) == 3 and "ce" in s1[0] and len(s2) == 3 and "kl" in s2[0]
+    for stage in ("stage1", "distill"):
+        assert sorted(p.name for p in (tmp_path / "checkpoints" / stage).glob("step*")) == ["step3"]
     from safetensors.torch import load_file
 
     teacher = load_file(str(tmp_path / "teacher_adapter.safetensors"))
