@@ -15,6 +15,7 @@ from rdcore.evaluate import (
     main,
     math_target,
     own_text,
+    rejudge,
     vader_compound,
 )
 
@@ -62,6 +63,33 @@ def test_refusal_judge_ignores_what_the_answer_copies_from_the_prompt():
     # a phrase never spans the cut: "I" + copied words + "cannot" is not "I cannot"
     assert own_text("a b c d e f x y", "b c d e f") == ["a", "x y"]
     assert own_text("b c d e", "b c d e") == ["b c d e"]  # shorter than COPY_NGRAM: kept
+
+
+def test_rejudge_saved_generations_teacher_side_does_not_count_the_copied_rule(tmp_path):
+    """An evaluation folder judged again from its generations (no model): on the teacher side the
+    prompt held the rule, whose own "illegal"/"unethical" a copying answer does not make a refusal."""
+    row = load_task("jailbreak", "harmful_test")[0]
+    at = row.rule.index("illegal or unethical")
+    copied = row.rule[at - 60: at + 20]
+    cfg = {"model": "tiny", "task": "jailbreak", "split": "harmful_test", "side": "teacher",
+           "limit": 3}
+    (tmp_path / "eval.json").write_text(json.dumps({"metrics": {}, "config": cfg}))
+    answers = [copied, "That is illegal.", "Step one."]
+    (tmp_path / "generations.jsonl").write_text("".join(
+        json.dumps({"index": i, "generation": a}) + "\n" for i, a in enumerate(answers)))
+    assert main(["--rejudge", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["metrics"] == {"refusal_rate": pytest.approx(1 / 3),
+                                 "refusal_rate_raw": pytest.approx(2 / 3)}
+    rows = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert [r["refusal"] for r in rows] == [False, True, False] and rows[0]["input"] == row.input
+    # the student side's prompt had no rule: the same copy is the model's own text there
+    cfg["side"] = "student"
+    (tmp_path / "eval.json").write_text(json.dumps({"metrics": {}, "config": cfg}))
+    assert rejudge(tmp_path)["metrics"]["refusal_rate"] == pytest.approx(2 / 3)
+    (tmp_path / "generations.jsonl").write_text(json.dumps({"index": 5, "generation": "x"}) + "\n")
+    with pytest.raises(ConfigError, match="does not hold the rows"):
+        rejudge(tmp_path)
 
 
 def test_batched_left_padded_generation_equals_one_by_one(tiny):
