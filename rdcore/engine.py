@@ -262,26 +262,31 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any
     dist.barrier()
 
 
+def _tag_step(name: str) -> int | None:
+    """N for a checkpoint folder ``stepN``; None for anything else (``stepN.universal``, files)."""
+    return int(name[4:]) if name.startswith("step") and name[4:].isdigit() else None
+
+
+def _complete_steps(ckpt_dir: Path) -> list[int]:
+    """The steps of the complete checkpoints in ``ckpt_dir``, ascending."""
+    return sorted(s for p in ckpt_dir.glob("step*")
+                  if (s := _tag_step(p.name)) is not None and (p / "COMPLETE").is_file())
+
+
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[str]:
     """Delete all but the ``keep`` newest complete checkpoints, with their ``.universal`` copies
     and any incomplete checkpoint older than the newest complete one; returns the deleted names.
     Called only after a newer checkpoint is complete, so the newest complete one always stays."""
     import shutil
 
-    def step_of(name: str) -> int | None:  # step12, step12.universal, step12.universal.tmp
-        base = name.split(".")[0]
-        return int(base[4:]) if base.startswith("step") and base[4:].isdigit() else None
-
-    complete = sorted(step_of(p.name) for p in ckpt_dir.glob("step*")
-                      if p.name[4:].isdigit() and (p / "COMPLETE").is_file())
+    complete = _complete_steps(ckpt_dir)
     if len(complete) <= keep:
         return []
     kept = set(complete[-keep:])
-    newest = complete[-1]
     gone = []
     for p in sorted(ckpt_dir.iterdir()):
-        s = step_of(p.name)
-        if p.is_dir() and s is not None and s not in kept and s < newest:
+        s = _tag_step(p.name.split(".")[0])  # stepN, stepN.universal, stepN.universal.tmp
+        if p.is_dir() and s is not None and s not in kept and s < complete[-1]:
             shutil.rmtree(p, ignore_errors=True)
             gone.append(p.name)
     return gone
@@ -295,9 +300,8 @@ def latest_complete(ckpt_dir: Path) -> str | None:
         tag = pointer.read_text().strip()
         if (ckpt_dir / tag / "COMPLETE").is_file():
             return tag
-    tags = [p.name for p in ckpt_dir.glob("step*")
-            if p.name[4:].isdigit() and (p / "COMPLETE").is_file()]
-    return max(tags, key=lambda t: int(t[4:]), default=None)
+    steps = _complete_steps(ckpt_dir)
+    return f"step{steps[-1]}" if steps else None
 
 
 def checkpoint_info(ckpt_dir: Path) -> tuple[str, dict[str, Any]] | None:
