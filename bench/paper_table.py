@@ -8,7 +8,8 @@ training run (``deepspeed rdcore/train.py``) followed by evaluation (``rdcore.ev
 Each cell lives in ``<out>/cells/<method>_k<k>_s<seed>/`` (the run folder, with ``eval/``). A cell
 whose evaluation file exists is not rerun, so a sweep can span several sittings; an interrupted
 training resumes from its checkpoint. Methods are evaluated without the rule (the student's
-situation), except ``inst_tune_rule``, which is evaluated with it, as in the paper.
+situation), except ``inst_tune_rule``, which is evaluated with it, as in the paper. As in the paper,
+each cell's model is the epoch with the lowest validation CE (``--select_best off``: the last).
 
 Results: ``<out>/results.csv`` (one row per cell and metric), ``<out>/table.md`` (mean ± std over
 seeds, per method and k) and ``<out>/<metric>.png`` (metric against k per method).
@@ -70,7 +71,8 @@ def cell(args: argparse.Namespace, method: str, k: int, seed: int) -> list[dict]
                  "--task", args.task, "--shots", str(k), "--seed", str(seed), "--method", method,
                  "--finetune", "lora", "--epochs", str(args.epochs), "--lr", str(args.lr),
                  "--micro_batch_size", str(args.micro_batch_size), "--output_dir", str(folder),
-                 "--resume", "on", "--tensorboard", "off", *args.train_args]
+                 "--resume", "on", "--tensorboard", "off", "--select_best", args.select_best,
+                 *args.train_args]
         if args.rule_text:
             train += ["--rule_text", args.rule_text]
         if not (folder / "final" / "config.json").is_file():
@@ -161,6 +163,9 @@ def main() -> int:
     ap.add_argument("--seeds", default="1234,2345,3456")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--select_best", choices=("on", "off"), default="on",
+                    help="the paper's model selection: evaluate the epoch with the lowest validation "
+                         "CE (train.py --select_best), not the last")
     ap.add_argument("--micro_batch_size", type=int, default=1)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--limit", type=int, default=0, help="test rows per split (0: all)")

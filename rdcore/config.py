@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rdcore import ConfigError
-from rdcore.data import TASK_ALIASES, TASKS, TEMPLATES
+from rdcore.data import SEEDS, TASK_ALIASES, TASKS, TEMPLATES
 
 METHODS = ("inst_tune_no_rule", "inst_tune_rule", "rule_distill_base", "rule_distill_enhanced")
 FINETUNE_MODES = ("lora", "full")
@@ -61,6 +61,14 @@ class TrainConfig:
     """Passes over the training examples."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: run all epochs)."""
+    select_best: bool = False
+    """The paper's model selection: after every epoch compute the mean token CE on the validation
+    file (``val_loss`` in metrics.jsonl) and export the epoch with the lowest one, not the last
+    (final/, and Enhanced's stage-1 teacher adapter). The CE is the student's, without the rule;
+    for inst_tune_rule (and Enhanced's stage 1) it is read with the rule, as that model is used."""
+    val_data: str | None = None
+    """Validation file for ``select_best`` ({rule, input, output} rows like ``data``; needed with
+    ``data``). Default with a packaged task: its ``valid`` split for ``shots`` and ``seed``."""
     micro_batch_size: int = 1
     """Examples per rank per forward pass."""
     grad_accum: int = 1
@@ -140,6 +148,13 @@ class TrainConfig:
                  "rule_distill_enhanced needs finetune=lora: with full fine-tuning the stage-1 teacher "
                  "and the restarted student would need two copies of the weights")
         need(not (self.resume and self.overwrite), "resume and overwrite exclude each other")
+        if self.select_best and self.val_data is None:
+            need(self.data is None, "select_best with --data needs --val_data (a validation file "
+                 "of the same format)")
+            need(self.seed in SEEDS, f"select_best reads the task's validation file for --seed, "
+                 f"which exists for seeds {SEEDS}, not {self.seed}: pass one of them or --val_data")
+        if self.val_data is not None:
+            need(Path(self.val_data).is_file(), f"val_data {self.val_data!r} is not a file")
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         for name in ("max_length", "epochs", "micro_batch_size", "grad_accum", "lora_r",
                      "lora_alpha"):

@@ -227,6 +227,9 @@ class RuleDistillModule(nn.Module):
         """Set by the trainer (the same on every rank): take this batch's teacher from the cache."""
         self.last_targets: tuple[list[int], list[int], torch.Tensor] | None = None
         """(example ids, rows per example, [L+1, N, H]) of the last computed teacher pass."""
+        self.ce_side: str | None = None
+        """Set by the trainer for validation: ``forward`` returns the CE on this side's sequence
+        (``student``: without the rule, ``teacher``: with it) whatever the method."""
         self.counters = {"teacher_passes": 0, "teacher_cached": 0, "teacher_tokens": 0,
                          "prefix_builds": 0}
         """Work done by the teacher: passes run / taken from the cache, token positions it ran
@@ -246,8 +249,8 @@ class RuleDistillModule(nn.Module):
         """Return ``(loss, stats)``: ``loss = scale · Σ_n w_n · ℓ_n`` (w_n ∈ {0, 1}) and the weighted
         sums of each term (detached). ``scale`` carries the global-batch normalisation."""
         stats: dict[str, torch.Tensor] = {}
-        if not self.method.startswith("rule_distill"):
-            side = "teacher" if self.method == "inst_tune_rule" else "student"
+        if self.ce_side is not None or not self.method.startswith("rule_distill"):
+            side = self.ce_side or ("teacher" if self.method == "inst_tune_rule" else "student")
             out = self._decoder(batch, side, hidden=False)
             ce = self._ce(_rows(out.last_hidden_state, batch[f"{side}_distill_index"]),
                           batch["target_ids"], row_weight_N)

@@ -116,12 +116,70 @@ def lr_lambda_for(cfg: TrainConfig, total_steps: int):
     return fn
 
 
-def build_data(cfg: TrainConfig, tokenizer: Any) -> EncodedDataset:
-    examples = load_rule_file(cfg.data) if cfg.data else load_task(cfg.task, "train", cfg.shots)
+def build_data(cfg: TrainConfig, tokenizer: Any, split: str = "train") -> EncodedDataset:
+    """The encoded training examples, or (``split="valid"``) the validation examples of
+    ``select_best``: ``val_data`` or the task's validation file for ``shots`` and ``seed``."""
+    if split == "valid":
+        examples = (load_rule_file(cfg.val_data) if cfg.val_data else
+                    load_task(cfg.task, "valid", cfg.shots, cfg.seed))
+    else:
+        examples = load_rule_file(cfg.data) if cfg.data else load_task(cfg.task, "train", cfg.shots)
     if cfg.rule_text:
         text = canonical_rule(cfg.task) if cfg.rule_text == "canonical" else cfg.rule_text
         examples = replace_rule(examples, text)
     return Encoder(tokenizer, cfg.template, cfg.max_length).encode(examples)
+
+
+def steps_per_epoch(n_examples: int, cfg: TrainConfig, world: int) -> int:
+    """Optimizer steps of one epoch (its last global batch is filled up, see :func:`step_schedule`)."""
+    return -(-n_examples // (world * cfg.grad_accum * cfg.micro_batch_size))
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation (select_best)
+# --------------------------------------------------------------------------------------------------
+def validation_loss(engine: Any, module: RuleDistillModule, data: EncodedDataset, side: str,
+                    cfg: TrainConfig, world: int, rank: int, pad_id: int) -> float:
+    """Mean token cross-entropy of the current weights on ``data``, reading ``side``'s sequences
+    (``student``: without the rule; ``teacher``: with it). No gradients, eval mode (no dropout), no
+    random numbers drawn, so training goes on exactly as without validation. Every rank runs the
+    same number of forwards (ZeRO-3 gathers collectively); the last batch is filled with weight-0
+    repeats, as in training."""
+    m = cfg.micro_batch_size
+    n = len(data)
+    entries = [(i, 1.0) for i in range(n)] + [(j % n, 0.0) for j in range(-n % (world * m))]
+    ce_sum = 0.0
+    was = [(mod, mod.training) for mod in module.modules()]
+    module.train(False)
+    module.ce_side = side
+    try:
+        with torch.no_grad():
+            for k in range(0, len(entries), world * m):
+                mb = entries[k + rank * m: k + (rank + 1) * m]
+                batch = collate([data[i] for i, _ in mb], pad_id)
+                row_w = torch.cat([torch.full((data[i].response_len,), w) for i, w in mb])
+                _, stats = engine(batch, row_w, 1.0)
+                ce_sum += float(stats["ce"])
+    finally:
+        module.ce_side = None
+        for mod, training in was:
+            mod.training = training
+    (total,) = eng.all_reduce_sum([ce_sum])
+    return total / sum(data[i].response_len for i in range(n))
+
+
+def best_dir(out: Path, stage: str) -> Path:
+    """Where ``select_best`` keeps the weights of the best epoch so far (``epoch{E}.pt``:
+    the student adapter with LoRA, the model's state dict with full fine-tuning)."""
+    return out / "best" / stage
+
+
+def _drop_older_best(out: Path, stage: str, epoch: int) -> None:
+    """Delete best-epoch files older than ``epoch`` (the best recorded in a complete checkpoint:
+    a resume never goes back before it, so they cannot be needed again)."""
+    for f in best_dir(out, stage).glob("epoch*.pt"):
+        if int(f.stem[5:]) < epoch:
+            f.unlink()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,7 +200,10 @@ def prepare_output_dir(cfg: TrainConfig, rank: int) -> Path:
         elif cfg.resume and saved.is_file():
             before = json.loads(saved.read_text())
             now = cfg.to_dict()
-            diff = sorted(k for k in now if k not in RESUMABLE_FIELDS and before.get(k) != now[k])
+            # a field added since that run was written counts as its default there
+            default = TrainConfig.__dataclass_fields__
+            diff = sorted(k for k in now if k not in RESUMABLE_FIELDS
+                          and before.get(k, default[k].default) != now[k])
             if diff:
                 raise ConfigError(f"--resume: the flags differ from the run in {out} in {diff}: "
                                   f"{ {k: (before.get(k), now[k]) for k in diff} }")
@@ -185,25 +246,36 @@ def _student_adapter(engine: Any) -> dict[str, torch.Tensor] | None:
     return None if got is None else _adapter_state(got, STUDENT)
 
 
-def _export(stage: Stage, engine: Any, model: Any, tokenizer: Any, out: Path, rank: int) -> None:
+def _export_state(engine: Any, cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
+    """What an export is made of, on rank 0 (``None`` elsewhere; call on every rank): the student
+    adapter (LoRA) or the consolidated state dict of the model's parameters (full)."""
+    if cfg.finetune == "lora":
+        return _student_adapter(engine)
+    full_sd = eng.consolidated_state_dict(engine)
+    return None if full_sd is None else {k: v for k, v in full_sd.items() if k.startswith("model.")}
+
+
+def _export(stage: Stage, engine: Any, model: Any, tokenizer: Any, out: Path, rank: int,
+            best: Path | None = None) -> None:
     """Gather what is exported (every rank) and write the adapter / final model (rank 0). LoRA
-    gathers only the adapter; full fine-tuning consolidates the model, and only for ``final/``."""
+    gathers only the adapter; full fine-tuning consolidates the model, and only for ``final/``.
+    ``best``: export the weights saved there (``select_best``) instead of the current ones."""
     cfg = stage.cfg
     write_final = stage.final and cfg.save_model
-    if cfg.finetune == "lora":
-        if stage.export_adapter is None and not write_final:
-            return
-        adapter = _student_adapter(engine)
+    if cfg.finetune == "lora" and stage.export_adapter is None and not write_final:
+        return
+    if cfg.finetune == "full" and not write_final:
+        return
+    if best is not None:
+        saved = torch.load(best, map_location="cpu", weights_only=True) if rank == 0 else None
     else:
-        if not write_final:
-            return
-        full_sd = eng.consolidated_state_dict(engine)
+        saved = _export_state(engine, cfg)
     if stage.export_adapter is not None:
         if rank == 0:
             from safetensors.torch import save_file
 
             tmp = stage.export_adapter.with_suffix(".tmp")
-            save_file(adapter, str(tmp))
+            save_file(saved, str(tmp))
             os.replace(tmp, stage.export_adapter)
         eng.barrier()
     if not write_final:
@@ -217,12 +289,12 @@ def _export(stage: Stage, engine: Any, model: Any, tokenizer: Any, out: Path, ra
 
             base, _ = load_model(cfg.model, dtype=cfg.torch_dtype, seed=cfg.seed)
             fresh = add_lora(base, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
-            set_peft_model_state_dict(fresh, adapter, adapter_name=STUDENT)
+            set_peft_model_state_dict(fresh, saved, adapter_name=STUDENT)
             fresh.save_pretrained(tmp / "adapter", selected_adapters=[STUDENT])
             merged = fresh.merge_and_unload()
             merged.save_pretrained(tmp, safe_serialization=True)
         else:
-            state = {k[len("model."):]: v for k, v in full_sd.items() if k.startswith("model.")}
+            state = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}
             causal_lm(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
@@ -272,11 +344,21 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
     if cfg.finetune == "lora":
         model = add_lora(model, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
                          stage.teacher_state)
+    # train mode explicitly: from_pretrained returns eval mode (PEFT switches it back, a full
+    # fine-tune would keep it: any dropout of the architecture off); the teacher pass and
+    # validation switch to eval mode themselves
+    model.train()
     data = build_data(cfg, tokenizer)
     log.info("[%s] %s, %s: %d examples, rule prefix %d tokens, template %s", stage.name,
              cfg.method, cfg.finetune, len(data), data.rule_prefix_len, cfg.template)
     schedule = step_schedule(len(data), cfg, world)
     total = len(schedule)
+    per_epoch = steps_per_epoch(len(data), cfg, world)
+    val_data, val_side = None, "teacher" if cfg.method == "inst_tune_rule" else "student"
+    if cfg.select_best:
+        val_data = build_data(cfg, tokenizer, "valid")
+        log.info("[%s] select_best: validation CE on %d examples (%s side) after each of the "
+                 "epochs (%d steps each)", stage.name, len(val_data), val_side, per_epoch)
     use_prefix = cfg.prefix_cache and cfg.distill and data.rule_prefix_len > 0
     use_targets = cfg.teacher_cache and cfg.distill and cfg.teacher_mode != "live"
     use_interleave = cfg.interleave and cfg.distill and interleavable(model)
@@ -309,9 +391,11 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
     # Each rank draws its own dropout masks.
     torch.manual_seed(cfg.seed * 7919 + 101 * rank + (1 if stage.name == "stage1" else 0))
     start = 0
+    best_val, best_epoch = math.inf, 0  # select_best: the lowest validation CE so far, its epoch
     state = eng.load_checkpoint(engine, ckpt_dir) if cfg.resume else None
     if state is not None:
         start = int(state["step"])
+        best_val, best_epoch = state.get("best_val_loss", math.inf), state.get("best_epoch", 0)
         log.info("[%s] resumed from %s at step %d/%d", stage.name, ckpt_dir, start, total)
     metrics_path = out / "metrics.jsonl"
     if rank == 0 and metrics_path.exists():  # drop rows past the checkpoint we resume from
@@ -333,9 +417,13 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
     def checkpoint(at: int) -> None:
         state = {"step": at, "world_size": world,
                  "global_batch": world * cfg.grad_accum * cfg.micro_batch_size}
+        if cfg.select_best and best_epoch:
+            state.update(best_val_loss=best_val, best_epoch=best_epoch)
         eng.save_checkpoint(engine, ckpt_dir, at, state,
                             (lambda: _student_adapter(engine)) if cfg.finetune == "lora" else None,
                             keep=cfg.keep_checkpoints)
+        if rank == 0 and best_epoch:
+            _drop_older_best(out, stage.name, best_epoch)
 
     for step in range(start, total):
         global_batch = schedule[step]
@@ -388,8 +476,26 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
             row.update({f"rank0_{k}": v for k, v in module.counters.items()})
         row["rank0_peak_mem_mib"] = eng.peak_memory_mib()
         comm_after = eng.comm_bytes()  # with DeepSpeed's comms_logger on: this step's traffic
-        for op, total in comm_after.items():
-            row[f"rank0_comm_{op}_bytes"] = total - comm_before.get(op, 0)
+        for op, volume in comm_after.items():
+            row[f"rank0_comm_{op}_bytes"] = volume - comm_before.get(op, 0)
+        if val_data is not None and ((step + 1) % per_epoch == 0 or step + 1 == total):
+            epoch = -(-(step + 1) // per_epoch)
+            val = validation_loss(engine, module, val_data, val_side, cfg, world, rank, pad_id)
+            if not math.isfinite(val):
+                raise TrainingError(f"[{stage.name}] non-finite validation loss after epoch "
+                                    f"{epoch}")
+            if val < best_val:  # keep this epoch's weights (every rank gathers, rank 0 writes)
+                best_val, best_epoch = val, epoch
+                saved = _export_state(engine, cfg)
+                if rank == 0:
+                    path = best_dir(out, stage.name) / f"epoch{epoch}.pt"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(saved, path.with_suffix(".tmp"))
+                    os.replace(path.with_suffix(".tmp"), path)
+                eng.barrier()
+            row.update(epoch=epoch, val_loss=val, best_val_loss=best_val, best_epoch=best_epoch)
+            log.info("[%s] epoch %d: validation CE %.4f (best %.4f, epoch %d)", stage.name, epoch,
+                     val, best_val, best_epoch)
         if rank == 0:
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -421,7 +527,14 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
         writer.close()
     if start < total:
         checkpoint(total)
-    _export(stage, engine, model, tokenizer, out, rank)
+    best = None
+    if cfg.select_best:
+        if not best_epoch:
+            raise TrainingError(f"[{stage.name}] select_best: no validation result recorded")
+        best = best_dir(out, stage.name) / f"epoch{best_epoch}.pt"
+        log.info("[%s] exporting epoch %d of %d (lowest validation CE, %.4f)", stage.name,
+                 best_epoch, -(-total // per_epoch), best_val)
+    _export(stage, engine, model, tokenizer, out, rank, best)
     if rank == 0:
         done_marker.write_text(f"{total}\n")
     eng.barrier()

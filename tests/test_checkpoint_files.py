@@ -35,3 +35,25 @@ def test_prune_keeps_the_newest_complete_and_anything_newer(tmp_path):
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["step5", "step6", "world_size"]  # step6 may be being written right now
     assert latest_complete(tmp_path) == "step5"
+
+
+def test_a_run_written_before_a_new_field_still_resumes(tmp_path):
+    """config.json of an older version lacks the fields added since: they count as their
+    defaults, so the run resumes; a real difference in them is still refused."""
+    import json
+
+    import pytest
+
+    from rdcore import ConfigError
+    from rdcore.config import TrainConfig
+    from rdcore.train import prepare_output_dir
+
+    old = TrainConfig(output_dir=str(tmp_path)).to_dict()
+    del old["select_best"], old["val_data"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    prepare_output_dir(TrainConfig(output_dir=str(tmp_path), resume=True), rank=0)
+    assert json.loads((tmp_path / "config.json").read_text())["select_best"] is False
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match=r"differ .* in \['seed', 'select_best'\]"):
+        prepare_output_dir(TrainConfig(output_dir=str(tmp_path), resume=True, select_best=True,
+                                       seed=1234), rank=0)

@@ -126,6 +126,17 @@ def test_config_file_flags_and_validation(tmp_path):
     with pytest.raises(ConfigError, match="k-shot splits"):
         TrainConfig(task="math", shots=5)
     assert TrainConfig(task="arithmetic").task == "math"
+    # select_best needs a validation file: the task's (for one of its seeds) or val_data
+    with pytest.raises(ConfigError, match=r"validation file for --seed.*not 0"):
+        TrainConfig(select_best=True)
+    assert TrainConfig(select_best=True, seed=2345).select_best
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([{"rule": "r", "input": "i", "output": "o"}]))
+    with pytest.raises(ConfigError, match="needs --val_data"):
+        TrainConfig(select_best=True, data=str(rows), seed=2345)
+    assert TrainConfig(select_best=True, data=str(rows), val_data=str(rows)).val_data
+    with pytest.raises(ConfigError, match="val_data .* is not a file"):
+        TrainConfig(select_best=True, val_data=str(tmp_path / "missing.json"))
 
 
 def test_deepspeed_config_conflicts_are_errors(tmp_path):

@@ -2,6 +2,7 @@
 written, and a second call reruns nothing."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +28,9 @@ def test_sweep_is_resumable(tmp_path):
     assert {r["method"] for r in rows} == {"inst_tune_no_rule", "rule_distill_base"}
     assert {r["metric"] for r in rows} == {"negative_env", "positive_other", "adherence"}
     assert all(r["side"] == "student" and r["n"] == "2" for r in rows)
+    cell = tmp_path / "cells" / "rule_distill_base_k8_s1234"  # the paper's model selection
+    assert json.loads((cell / "config.json").read_text())["select_best"] is True
+    assert (cell / "best" / "main" / "epoch1.pt").is_file()
     table = (tmp_path / "table.md").read_text()
     assert "| rule_distill_base |" in table and "(n=1)" in table
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
