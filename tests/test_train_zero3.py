@@ -411,6 +411,9 @@ def test_interleaved_passes_same_curve_less_allgather(tmp_path):
         rows = metrics(out)
         curves[mode] = rows
         gathered[mode] = [r["rank0_comm_all_gather_into_tensor_bytes"] for r in rows]
+        # the step count survives the per-op traffic bookkeeping (the final checkpoint is step4)
+        assert (out / "checkpoints" / "main" / "DONE").read_text().strip() == "4"
+        assert (out / "checkpoints" / "main" / "step4" / "COMPLETE").is_file()
     assert_same_curve(curves["on"], curves["off"], rel=1e-5, keys=("loss", "kl", "hidden_mse"))
     # after step 1 (which records the prefetch trace) every step gathers less when interleaved
     assert all(a < b for a, b in zip(gathered["on"][1:], gathered["off"][1:])), gathered
