@@ -190,6 +190,11 @@ class TrainConfig:
             return "live"
         return "teacher" if self.method == "rule_distill_enhanced" else "disabled"
 
+    def global_batch(self, world: int) -> int:
+        """Examples per optimizer step over ``world`` ranks: ``world · grad_accum ·
+        micro_batch_size``. The data order, the loss normalisation and the schedule depend on it."""
+        return world * self.grad_accum * self.micro_batch_size
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -112,17 +112,24 @@ def teacher_adapter(model: nn.Module, mode: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def teacher_view(part: nn.Module, mode: str) -> Iterator[None]:
-    """The teacher's view of ``part`` (a model or one of its modules): no gradients, eval mode (no
-    dropout), the teacher's adapter."""
+def eval_mode(part: nn.Module) -> Iterator[None]:
+    """``part`` and its submodules in eval mode (no dropout); every module's own ``training`` flag
+    is restored afterwards (not ``part.train()``, which would set them all alike)."""
     was = [(m, m.training) for m in part.modules()]
     part.train(False)
     try:
-        with torch.no_grad(), teacher_adapter(part, mode):
-            yield
+        yield
     finally:
         for m, training in was:
             m.training = training
+
+
+@contextlib.contextmanager
+def teacher_view(part: nn.Module, mode: str) -> Iterator[None]:
+    """The teacher's view of ``part`` (a model or one of its modules): no gradients, eval mode (no
+    dropout), the teacher's adapter."""
+    with eval_mode(part), torch.no_grad(), teacher_adapter(part, mode):
+        yield
 
 
 def causal_lm(model: nn.Module) -> nn.Module:

@@ -124,7 +124,7 @@ def ds_config_for(cfg: TrainConfig, world_size: int, hidden_size: int = 0, layer
     owned = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
+        "train_batch_size": cfg.global_batch(world_size),
         "optimizer.params.lr": cfg.lr,
         "optimizer.params.weight_decay": cfg.weight_decay,
         "bf16.enabled": cfg.precision == "bf16",

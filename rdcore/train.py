@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from rdcore.distill import (
     RuleDistillModule,
     add_lora,
     causal_lm,
+    eval_mode,
     interleavable,
     lora_config,
 )
@@ -82,28 +84,33 @@ class TrainingError(RdcoreError):
 def step_schedule(n_examples: int, cfg: TrainConfig, world: int) -> list[list[tuple[int, float]]]:
     """The global batches of the whole run: lists of ``(example index, weight)``.
 
-    Batch ``i`` holds ``world · grad_accum · micro_batch_size`` entries, ordered
+    Batch ``i`` holds ``cfg.global_batch(world)`` entries, ordered
     ``[accumulation step][rank][micro-batch row]``.
     """
-    per_step = world * cfg.grad_accum * cfg.micro_batch_size
     steps: list[list[tuple[int, float]]] = []
     for epoch in range(cfg.epochs):
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         order = torch.randperm(n_examples, generator=g).tolist()
-        entries = [(i, 1.0) for i in order]
-        short = -len(entries) % per_step
-        entries += [(order[j % n_examples], 0.0) for j in range(short)]
-        steps += [entries[k: k + per_step] for k in range(0, len(entries), per_step)]
+        steps += filled_batches(order, cfg.global_batch(world))
     if cfg.max_steps:
         steps = steps[: cfg.max_steps]
     return steps
 
 
-def micro_batches(step: list[tuple[int, float]], cfg: TrainConfig, world: int, rank: int
-                  ) -> list[list[tuple[int, float]]]:
-    """This rank's micro-batches of one global batch."""
+def filled_batches(order: list[int], size: int) -> list[list[tuple[int, float]]]:
+    """``order``'s examples at weight 1 cut into batches of ``size``; the last batch is filled up
+    with weight-0 repeats of ``order``'s first examples, so that every rank runs every step."""
+    entries = [(i, 1.0) for i in order]
+    entries += [(order[j % len(order)], 0.0) for j in range(-len(order) % size)]
+    return [entries[k: k + size] for k in range(0, len(entries), size)]
+
+
+def micro_batches(step: list[tuple[int, float]], cfg: TrainConfig, world: int, rank: int,
+                  grad_accum: int | None = None) -> list[list[tuple[int, float]]]:
+    """This rank's micro-batches of one global batch (``grad_accum`` of them unless given)."""
     m = cfg.micro_batch_size
-    return [step[(a * world + rank) * m: (a * world + rank + 1) * m] for a in range(cfg.grad_accum)]
+    accum = cfg.grad_accum if grad_accum is None else grad_accum
+    return [step[(a * world + rank) * m: (a * world + rank + 1) * m] for a in range(accum)]
 
 
 def lr_lambda_for(cfg: TrainConfig, total_steps: int):
@@ -132,7 +139,7 @@ def build_data(cfg: TrainConfig, tokenizer: Any, split: str = "train") -> Encode
 
 def steps_per_epoch(n_examples: int, cfg: TrainConfig, world: int) -> int:
     """Optimizer steps of one epoch (its last global batch is filled up, see :func:`step_schedule`)."""
-    return -(-n_examples // (world * cfg.grad_accum * cfg.micro_batch_size))
+    return -(-n_examples // cfg.global_batch(world))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,25 +152,18 @@ def validation_loss(engine: Any, module: RuleDistillModule, data: EncodedDataset
     random numbers drawn, so training goes on exactly as without validation. Every rank runs the
     same number of forwards (ZeRO-3 gathers collectively); the last batch is filled with weight-0
     repeats, as in training."""
-    m = cfg.micro_batch_size
     n = len(data)
-    entries = [(i, 1.0) for i in range(n)] + [(j % n, 0.0) for j in range(-n % (world * m))]
     ce_sum = 0.0
-    was = [(mod, mod.training) for mod in module.modules()]
-    module.train(False)
     module.ce_side = side
     try:
-        with torch.no_grad():
-            for k in range(0, len(entries), world * m):
-                mb = entries[k + rank * m: k + (rank + 1) * m]
-                batch = collate([data[i] for i, _ in mb], pad_id)
+        with eval_mode(module), torch.no_grad():
+            for batch in filled_batches(list(range(n)), world * cfg.micro_batch_size):
+                (mb,) = micro_batches(batch, cfg, world, rank, grad_accum=1)
                 row_w = torch.cat([torch.full((data[i].response_len,), w) for i, w in mb])
-                _, stats = engine(batch, row_w, 1.0)
+                _, stats = engine(collate([data[i] for i, _ in mb], pad_id), row_w, 1.0)
                 ce_sum += float(stats["ce"])
     finally:
         module.ce_side = None
-        for mod, training in was:
-            mod.training = training
     (total,) = eng.all_reduce_sum([ce_sum])
     return total / sum(data[i].response_len for i in range(n))
 
@@ -255,6 +255,14 @@ def _export_state(engine: Any, cfg: TrainConfig) -> dict[str, torch.Tensor] | No
     return None if full_sd is None else {k: v for k, v in full_sd.items() if k.startswith("model.")}
 
 
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then rename ``tmp`` to ``path``: a reader (or a resume after a crash) sees the
+    old file or the complete new one, never a partial one."""
+    tmp = path.with_suffix(".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def _export(stage: Stage, engine: Any, model: Any, tokenizer: Any, out: Path, rank: int,
             best: Path | None = None) -> None:
     """Gather what is exported (every rank) and write the adapter / final model (rank 0). LoRA
@@ -262,10 +270,8 @@ def _export(stage: Stage, engine: Any, model: Any, tokenizer: Any, out: Path, ra
     ``best``: export the weights saved there (``select_best``) instead of the current ones."""
     cfg = stage.cfg
     write_final = stage.final and cfg.save_model
-    if cfg.finetune == "lora" and stage.export_adapter is None and not write_final:
-        return
-    if cfg.finetune == "full" and not write_final:
-        return
+    if stage.export_adapter is None and not write_final:
+        return  # nothing to export (an adapter is exported only with LoRA, see TrainConfig)
     if best is not None:
         saved = torch.load(best, map_location="cpu", weights_only=True) if rank == 0 else None
     else:
@@ -274,9 +280,7 @@ def _export(stage: Stage, engine: Any, model: Any, tokenizer: Any, out: Path, ra
         if rank == 0:
             from safetensors.torch import save_file
 
-            tmp = stage.export_adapter.with_suffix(".tmp")
-            save_file(saved, str(tmp))
-            os.replace(tmp, stage.export_adapter)
+            atomic_write(stage.export_adapter, lambda tmp: save_file(saved, str(tmp)))
         eng.barrier()
     if not write_final:
         return
@@ -310,7 +314,7 @@ def check_resume(cfg: TrainConfig, ckpt_dir: Path, world: int) -> None:
     if found is None:
         return
     tag, state = found
-    now = world * cfg.grad_accum * cfg.micro_batch_size
+    now = cfg.global_batch(world)
     before = state.get("global_batch")
     if before is None:
         if state["world_size"] not in (None, world):
@@ -416,7 +420,7 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
 
     def checkpoint(at: int) -> None:
         state = {"step": at, "world_size": world,
-                 "global_batch": world * cfg.grad_accum * cfg.micro_batch_size}
+                 "global_batch": cfg.global_batch(world)}
         if cfg.select_best and best_epoch:
             state.update(best_val_loss=best_val, best_epoch=best_epoch)
         eng.save_checkpoint(engine, ckpt_dir, at, state,
@@ -490,8 +494,7 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
                 if rank == 0:
                     path = best_dir(out, stage.name) / f"epoch{epoch}.pt"
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save(saved, path.with_suffix(".tmp"))
-                    os.replace(path.with_suffix(".tmp"), path)
+                    atomic_write(path, lambda tmp, sd=saved: torch.save(sd, tmp))
                 eng.barrier()
             row.update(epoch=epoch, val_loss=val, best_val_loss=best_val, best_epoch=best_epoch)
             log.info("[%s] epoch %d: validation CE %.4f (best %.4f, epoch %d)", stage.name, epoch,

@@ -186,3 +186,42 @@ def test_output_dir_protection(tmp_path):
     (other / "precious.txt").write_text("x")
     with pytest.raises(ConfigError, match="refusing to delete"):
         prepare_output_dir(TrainConfig(model="tiny", output_dir=str(other), overwrite=True), 0)
+
+
+def test_schedule_fills_the_last_batch_and_splits_it_over_ranks():
+    from rdcore.train import filled_batches, micro_batches, step_schedule, steps_per_epoch
+
+    cfg = TrainConfig(epochs=2, micro_batch_size=2, grad_accum=3, seed=1234)
+    world, n = 2, 13
+    assert cfg.global_batch(world) == 12 and steps_per_epoch(n, cfg, world) == 2
+    steps = step_schedule(n, cfg, world)
+    assert len(steps) == 4 and all(len(s) == 12 for s in steps)
+    for e in range(2):  # each epoch: every example once at weight 1, the fill at weight 0
+        epoch = steps[2 * e] + steps[2 * e + 1]
+        order = [i for i, w in epoch if w == 1.0]
+        assert sorted(order) == list(range(n))
+        assert epoch[n:] == [(i, 0.0) for i in order[:11]]
+    assert [i for i, _ in steps[0]] != [i for i, _ in steps[2]]  # reshuffled per epoch
+    # the ranks' micro-batches partition the global batch, accumulation step by step
+    parts = [micro_batches(steps[1], cfg, world, r) for r in range(world)]
+    assert all(len(p) == 3 and all(len(mb) == 2 for mb in p) for p in parts)
+    assert [x for a in range(3) for r in range(world) for x in parts[r][a]] == steps[1]
+    assert micro_batches(steps[1], cfg, world, 1, grad_accum=1) == [steps[1][2:4]]
+    assert filled_batches([4, 2], 3) == [[(4, 1.0), (2, 1.0), (4, 0.0)]]
+    assert filled_batches([4, 2, 0], 3) == [[(4, 1.0), (2, 1.0), (0, 1.0)]]
+    cut = TrainConfig(epochs=2, micro_batch_size=2, grad_accum=3, seed=1234, max_steps=3)
+    assert step_schedule(n, cut, world) == steps[:3]
+
+
+def test_eval_mode_restores_each_modules_own_flag():
+    from rdcore.distill import eval_mode
+
+    net = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Sequential(torch.nn.Dropout(0.5)))
+    net.train()
+    net[1].eval()
+    with eval_mode(net):
+        assert not any(m.training for m in net.modules())
+    assert [m.training for m in net.modules()] == [True, True, False, False]
+    with pytest.raises(RuntimeError), eval_mode(net):
+        raise RuntimeError("boom")
+    assert [m.training for m in net.modules()] == [True, True, False, False]
