@@ -156,27 +156,35 @@ def report(out: Path, task: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--task", default="bob", choices=sorted(SPLITS))
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--shots", default="8,16,32")
-    ap.add_argument("--seeds", default="1234,2345,3456")
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--task", default="bob", choices=sorted(SPLITS),
+                    help="which of the paper's three tasks (its test splits are evaluated)")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="a model preset (rdcore.models) or a local Hugging Face checkpoint folder")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated subset of {', '.join(METHODS)}")
+    ap.add_argument("--shots", default="8,16,32", help="comma-separated k (training examples)")
+    ap.add_argument("--seeds", default="1234,2345,3456",
+                    help="comma-separated seeds (the paper's k-shot split and the training seed)")
+    ap.add_argument("--epochs", type=int, default=20, help="training epochs per stage")
+    ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     ap.add_argument("--select_best", choices=("on", "off"), default="on",
                     help="the paper's model selection: evaluate the epoch with the lowest validation "
                          "CE (train.py --select_best), not the last")
-    ap.add_argument("--micro_batch_size", type=int, default=1)
-    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--micro_batch_size", type=int, default=1, help="examples per rank per step")
+    ap.add_argument("--ranks", type=int, default=2,
+                    help="DeepSpeed processes per cell (--num_accelerators; GPUs on a GPU machine)")
     ap.add_argument("--limit", type=int, default=0, help="test rows per split (0: all)")
-    ap.add_argument("--eval_batch_size", type=int, default=8)
+    ap.add_argument("--eval_batch_size", type=int, default=8, help="prompts per generation batch")
     ap.add_argument("--max_new_tokens", type=int, default=0, help="0: the task's default")
     ap.add_argument("--rule_text", default="", help='"canonical" for the Bob main table')
     ap.add_argument("--swap_test", action="store_true",
                     help="also evaluate inst_tune_rule with the rule's two wordings swapped (the "
                          "released Bob files; rows labelled side=teacher_swapped)")
-    ap.add_argument("--out", default="runs/paper")
-    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--out", default="runs/paper",
+                    help="sweep folder: one sub-folder per cell (finished cells are not rerun), "
+                         "results.csv, table.md, plots")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rebuild table.md and the plots from results.csv; train nothing")
     ap.add_argument("train_args", nargs="*", help="extra flags for rdcore/train.py (after --)")
     args = ap.parse_args()
     out = Path(args.out)

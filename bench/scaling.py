@@ -58,6 +58,7 @@ def shape_dir(shape: str, dtype: str) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from rdcore.files import replace_dir
     from rdcore.models import cache_dir, tiny_tokenizer
 
     target = cache_dir() / "scaling" / f"{shape}-{dtype}"
@@ -73,11 +74,13 @@ def shape_dir(shape: str, dtype: str) -> Path:
                          pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16 if dtype == "bf16" else torch.float32)
-    tmp = target.with_suffix(".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    (tmp / "DONE").write_text("ok\n")
-    os.replace(tmp, target)
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "DONE").write_text("ok\n")
+
+    replace_dir(target, build)
     return target
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ if __package__ in (None, ""):
 
 from rdcore import ConfigError, RdcoreError
 from rdcore.config import TrainConfig
+from rdcore.files import replace_dir
 
 
 def consolidate(run_dir: Path, out: Path, stage: str = "") -> Path:
@@ -53,32 +53,33 @@ def consolidate(run_dir: Path, out: Path, stage: str = "") -> Path:
     if out.exists():
         raise ConfigError(f"{out} exists: choose a new folder")
     model, tokenizer = load_model(cfg.model, dtype=cfg.torch_dtype, seed=cfg.seed)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.finetune == "lora":
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        adapter = load_file(str(ckpt_dir / tag / "adapter.safetensors"))
-        peft = add_lora(model, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
-        set_peft_model_state_dict(peft, adapter, adapter_name=STUDENT)
-        peft.save_pretrained(tmp / "adapter", selected_adapters=[STUDENT])
-        model = peft.merge_and_unload()
-    else:
-        full = eng.checkpoint_state_dict(ckpt_dir, tag)
-        state = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
-        missing, unexpected = causal_lm(model).load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("lm_head.weight")
-                   or not model.config.tie_word_embeddings]
-        if missing or unexpected:
-            raise ConfigError(f"{ckpt_dir}/{tag} does not match {cfg.model}: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
-        model = model.to(cfg.torch_dtype)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "rdcore_checkpoint.json").write_text(json.dumps(
-        {"run": str(run_dir), "checkpoint": str(ckpt_dir / tag)}, indent=2) + "\n")
-    tmp.rename(out)
+    def build(tmp: Path) -> None:
+        if cfg.finetune == "lora":
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            adapter = load_file(str(ckpt_dir / tag / "adapter.safetensors"))
+            peft = add_lora(model, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
+            set_peft_model_state_dict(peft, adapter, adapter_name=STUDENT)
+            peft.save_pretrained(tmp / "adapter", selected_adapters=[STUDENT])
+            ready = peft.merge_and_unload()
+        else:
+            full = eng.checkpoint_state_dict(ckpt_dir, tag)
+            state = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+            missing, unexpected = causal_lm(model).load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.endswith("lm_head.weight")
+                       or not model.config.tie_word_embeddings]
+            if missing or unexpected:
+                raise ConfigError(f"{ckpt_dir}/{tag} does not match {cfg.model}: missing "
+                                  f"{missing[:3]}, unexpected {unexpected[:3]}")
+            ready = model.to(cfg.torch_dtype)
+        ready.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "rdcore_checkpoint.json").write_text(json.dumps(
+            {"run": str(run_dir), "checkpoint": str(ckpt_dir / tag)}, indent=2) + "\n")
+
+    replace_dir(out, build)
     return ckpt_dir / tag
 
 

@@ -23,6 +23,7 @@ from deepspeed import comm as dist
 
 from rdcore import ConfigError
 from rdcore.config import TrainConfig
+from rdcore.files import atomic_write_text, replace_dir
 
 
 def init_distributed() -> tuple[int, int]:
@@ -254,9 +255,7 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any
     if dist.get_rank() == 0:
         (ckpt_dir / "world_size").write_text(f"{dist.get_world_size()}\n")
         (ckpt_dir / tag / "COMPLETE").write_text(json.dumps(state) + "\n")
-        tmp = ckpt_dir / "latest_complete.tmp"
-        tmp.write_text(tag + "\n")
-        os.replace(tmp, ckpt_dir / "latest_complete")
+        atomic_write_text(ckpt_dir / "latest_complete", tag + "\n")
         if keep:
             prune_checkpoints(ckpt_dir, keep)
     dist.barrier()
@@ -364,22 +363,20 @@ def to_universal(ckpt_dir: Path, tag: str) -> str:
     out_tag = f"{tag}.universal"
     out = ckpt_dir / out_tag
     if dist.get_rank() == 0 and not (out / "COMPLETE").is_file():
-        import shutil
         import subprocess
         import sys
 
-        tmp = ckpt_dir / f"{out_tag}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-               str(ckpt_dir / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise ConfigError(f"converting {ckpt_dir / tag} to a universal checkpoint failed:\n"
-                              f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-        (out / "COMPLETE").write_text((ckpt_dir / tag / "COMPLETE").read_text())
+        def convert(tmp: Path) -> None:
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   str(ckpt_dir / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                   "--num_merge_workers", "1"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise ConfigError(f"converting {ckpt_dir / tag} to a universal checkpoint failed:\n"
+                                  f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+            (tmp / "COMPLETE").write_text((ckpt_dir / tag / "COMPLETE").read_text())
+
+        replace_dir(out, convert)
     dist.barrier()
     return out_tag
 

@@ -31,7 +31,6 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +60,7 @@ from rdcore.distill import (
     interleavable,
     lora_config,
 )
+from rdcore.files import atomic_write, replace_dir
 from rdcore.models import load_model
 
 log = logging.getLogger("rdcore.train")
@@ -255,14 +255,6 @@ def _export_state(engine: Any, cfg: TrainConfig) -> dict[str, torch.Tensor] | No
     return None if full_sd is None else {k: v for k, v in full_sd.items() if k.startswith("model.")}
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename ``tmp`` to ``path``: a reader (or a resume after a crash) sees the
-    old file or the complete new one, never a partial one."""
-    tmp = path.with_suffix(".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _export(stage: Stage, engine: Any, model: Any, tokenizer: Any, out: Path, rank: int,
             best: Path | None = None) -> None:
     """Gather what is exported (every rank) and write the adapter / final model (rank 0). LoRA
@@ -286,23 +278,22 @@ def _export(stage: Stage, engine: Any, model: Any, tokenizer: Any, out: Path, ra
         return
     if rank == 0:
         final = out / "final"
-        tmp = out / "final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if cfg.finetune == "lora":
-            from peft import set_peft_model_state_dict
 
-            base, _ = load_model(cfg.model, dtype=cfg.torch_dtype, seed=cfg.seed)
-            fresh = add_lora(base, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
-            set_peft_model_state_dict(fresh, saved, adapter_name=STUDENT)
-            fresh.save_pretrained(tmp / "adapter", selected_adapters=[STUDENT])
-            merged = fresh.merge_and_unload()
-            merged.save_pretrained(tmp, safe_serialization=True)
-        else:
-            state = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}
-            causal_lm(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        def build(tmp: Path) -> None:
+            if cfg.finetune == "lora":
+                from peft import set_peft_model_state_dict
+
+                base, _ = load_model(cfg.model, dtype=cfg.torch_dtype, seed=cfg.seed)
+                fresh = add_lora(base, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
+                set_peft_model_state_dict(fresh, saved, adapter_name=STUDENT)
+                fresh.save_pretrained(tmp / "adapter", selected_adapters=[STUDENT])
+                fresh.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+            else:
+                state = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}
+                causal_lm(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+
+        replace_dir(final, build)
         log.info("final model written to %s", final)
     eng.barrier()
 

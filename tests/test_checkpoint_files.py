@@ -1,9 +1,12 @@
 """Checkpoint bookkeeping on the file system (no process group): which tag is the newest complete
-one, and what pruning deletes."""
+one, what pruning deletes, and the crash-safe writes (``rdcore.files``)."""
 
 from pathlib import Path
 
+import pytest
+
 from rdcore.engine import latest_complete, prune_checkpoints
+from rdcore.files import atomic_write, atomic_write_text, replace_dir
 
 
 def make(ckpt: Path, name: str, complete: bool = True) -> None:
@@ -57,3 +60,38 @@ def test_a_run_written_before_a_new_field_still_resumes(tmp_path):
     with pytest.raises(ConfigError, match=r"differ .* in \['seed', 'select_best'\]"):
         prepare_output_dir(TrainConfig(output_dir=str(tmp_path), resume=True, select_best=True,
                                        seed=1234), rank=0)
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "best.pt"
+    atomic_write_text(target, "old\n")
+
+    def broken(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, broken)
+    assert target.read_text() == "old\n"
+    atomic_write_text(target, "new\n")
+    assert target.read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]  # the leftover was reused
+
+
+def test_replace_dir_swaps_whole_folders_and_survives_a_crashed_build(tmp_path):
+    target = tmp_path / "final"
+    replace_dir(target, lambda tmp: (tmp / "a").write_text("1"))
+    (tmp_path / "final.tmp").mkdir()
+    (tmp_path / "final.tmp" / "stale").write_text("from a crash")
+
+    def crash(tmp: Path) -> None:
+        assert not (tmp / "stale").exists()  # a leftover of an earlier crash is cleared first
+        (tmp / "b").write_text("2")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        replace_dir(target, crash)
+    assert sorted(p.name for p in target.iterdir()) == ["a"]  # the old folder is untouched
+    replace_dir(target, lambda tmp: (tmp / "b").write_text("2"))
+    assert sorted(p.name for p in target.iterdir()) == ["b"]  # no file of the old one is kept
+    assert not (tmp_path / "final.tmp").exists()
