@@ -12,7 +12,9 @@ situation), except ``inst_tune_rule``, which is evaluated with it, as in the pap
 each cell's model is the epoch with the lowest validation CE (``--select_best off``: the last).
 
 Results: ``<out>/results.csv`` (one row per cell and metric), ``<out>/table.md`` (mean ± std over
-seeds, per method and k) and ``<out>/<metric>.png`` (metric against k per method).
+seeds, per method and k; then each method minus ``inst_tune_no_rule`` on the main metric, paired
+over the same test rows, with the standard error over test rows) and ``<out>/<metric>.png``
+(metric against k per method).
 """
 
 from __future__ import annotations
@@ -100,6 +102,75 @@ def cell(args: argparse.Namespace, method: str, k: int, seed: int) -> list[dict]
 SWAPPED = " (wordings swapped)"
 
 
+def _row_scores(out: Path, task: str, method: str, k: int, seed: int, split: str,
+                side: str) -> dict[int, tuple[str, str, float]] | None:
+    """index → (metric, group, value) of one evaluation's rows (rdcore.evaluate.row_score)."""
+    from rdcore.evaluate import row_score
+
+    path = out / "cells" / f"{method}_k{k}_s{seed}" / "eval" / f"{split}_{side}" / "generations.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return {r["index"]: row_score(task, split, r) for r in rows}
+
+
+def paired_difference(method_SR: list[dict[int, tuple[str, str, float]]],
+                      ref_SR: list[dict[int, tuple[str, str, float]]]) -> tuple[float, float, int]:
+    """A method's main metric minus the reference's over the same test rows: each row's value is
+    averaged over the seeds (S) first, then the metric is the mean over groups of the group means.
+    Returns (difference, its standard error over test rows, rows): SE = √(Σ_g var_g / n_g) / G, the
+    sampling error of a test set of this size — which the spread over seeds does not show."""
+    rows = sorted(set.intersection(*(set(d) for d in method_SR + ref_SR)))
+    groups: dict[str, list[float]] = defaultdict(list)
+    for i in rows:
+        a = statistics.mean(d[i][2] for d in method_SR)
+        b = statistics.mean(d[i][2] for d in ref_SR)
+        groups[ref_SR[0][i][1]].append(a - b)
+    if not groups:
+        return float("nan"), float("nan"), 0
+    diff = statistics.mean(statistics.mean(v) for v in groups.values())
+    if any(len(v) < 2 for v in groups.values()):
+        return diff, float("nan"), len(rows)
+    var = sum(statistics.variance(v) / len(v) for v in groups.values())
+    return diff, var ** 0.5 / len(groups), len(rows)
+
+
+def difference_lines(out: Path, task: str, rows: list[dict]) -> list[str]:
+    """Markdown: every method minus inst_tune_no_rule per split and k, paired row by row."""
+    ref = METHODS[0]
+    cells = {(r["method"], int(r["k"]), int(r["seed"]), r["split"], r["side"]) for r in rows}
+    lines = []
+    for split in sorted({c[3] for c in cells}):
+        ks = sorted({c[1] for c in cells if c[3] == split})
+        table, metric = [], ""
+        for method, side in sorted({(c[0], c[4]) for c in cells if c[3] == split and c[0] != ref},
+                                   key=lambda ms: (METHODS.index(ms[0]), ms[1])):
+            entries = []
+            for k in ks:
+                seeds = sorted(c[2] for c in cells if c[:2] == (method, k) and c[3:] == (split, side)
+                               and (ref, k, c[2], split, "student") in cells)
+                a = [_row_scores(out, task, method, k, sd, split, side) for sd in seeds]
+                b = [_row_scores(out, task, ref, k, sd, split, "student") for sd in seeds]
+                if not seeds or any(d is None for d in a + b):
+                    entries.append("—")
+                    continue
+                diff, se, n = paired_difference(a, b)
+                metric = next(iter(b[0].values()))[0]
+                plural = "s" * (len(seeds) != 1)
+                se_text = f"{se:.3f}" if se == se else "n/a"  # a group with one row: no SE
+                entries.append(f"{diff:+.3f} ± {se_text} ({len(seeds)} seed{plural}, {n} rows)")
+            if all(e == "—" for e in entries):
+                continue  # no paired inst_tune_no_rule cell (e.g. a swap-test-only sweep)
+            label = method + (SWAPPED if side == "teacher_swapped" else "")
+            table.append(f"| {label} | " + " | ".join(entries) + " |")
+        if table:
+            lines += [f"\n## {split} — {metric}: difference from {ref} (paired over test rows, "
+                      "± SE over rows)\n",
+                      "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
+                      "|---|" + "---|" * len(ks), *table]
+    return lines
+
+
 def report(out: Path, task: str) -> None:
     rows = list(csv.DictReader((out / "results.csv").open()))
     groups: dict[tuple, list[float]] = defaultdict(list)
@@ -125,6 +196,7 @@ def report(out: Path, task: str) -> None:
                     sd = statistics.stdev(v) if len(v) > 1 else 0.0
                     cells.append(f"{statistics.mean(v):.3f} ± {sd:.3f} (n={len(v)})")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += difference_lines(out, task, rows)
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:

@@ -33,6 +33,8 @@ def test_sweep_is_resumable(tmp_path):
     assert (cell / "best" / "main" / "epoch1.pt").is_file()
     table = (tmp_path / "table.md").read_text()
     assert "| rule_distill_base |" in table and "(n=1)" in table
+    assert "test — adherence: difference from inst_tune_no_rule" in table  # paired over test rows
+    assert "(1 seed, 2 rows)" in table
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "training" not in second.stdout
     assert "evaluating" not in second.stdout
