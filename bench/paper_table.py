@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import statistics
@@ -54,17 +55,26 @@ def run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
 
 
+def cell_dir(out: Path, method: str, k: int, seed: int) -> Path:
+    return out / "cells" / f"{method}_k{k}_s{seed}"
+
+
+def eval_dir(cell: Path, split: str, side: str) -> Path:
+    """A cell's evaluation folder (eval.json, generations.jsonl); ``side`` as in results.csv."""
+    return cell / "eval" / f"{split}_{side}"
+
+
 def cell(args: argparse.Namespace, method: str, k: int, seed: int) -> list[dict]:
-    name = f"{method}_k{k}_s{seed}"
-    folder = Path(args.out) / "cells" / name
+    folder = cell_dir(Path(args.out), method, k, seed)
+    name = folder.name
     side = "teacher" if method == "inst_tune_rule" else "student"
     rows = []
     # (split, side label, rule_text for the evaluation) → eval.json
-    evals = {(split, side, args.rule_text): folder / "eval" / f"{split}_{side}" / "eval.json"
+    evals = {(split, side, args.rule_text): eval_dir(folder, split, side) / "eval.json"
              for split in SPLITS[args.task]}
     if args.swap_test and method == "inst_tune_rule":  # read with the two wordings swapped
         evals.update({(split, "teacher_swapped", "swap"):
-                      folder / "eval" / f"{split}_teacher_swapped" / "eval.json"
+                      eval_dir(folder, split, "teacher_swapped") / "eval.json"
                       for split in SPLITS[args.task]})
     if not all(p.is_file() for p in evals.values()):
         deepspeed = Path(sys.executable).parent / "deepspeed"
@@ -105,13 +115,12 @@ SWAPPED = " (wordings swapped)"
 def _row_scores(out: Path, task: str, method: str, k: int, seed: int, split: str,
                 side: str) -> dict[int, tuple[str, str, float]] | None:
     """index → (metric, group, value) of one evaluation's rows (rdcore.evaluate.row_score)."""
-    from rdcore.evaluate import row_score
+    from rdcore.evaluate import read_generations, row_score
 
-    path = out / "cells" / f"{method}_k{k}_s{seed}" / "eval" / f"{split}_{side}" / "generations.jsonl"
-    if not path.is_file():
+    folder = eval_dir(cell_dir(out, method, k, seed), split, side)
+    if not (folder / "generations.jsonl").is_file():
         return None
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return {r["index"]: row_score(task, split, r) for r in rows}
+    return {r["index"]: row_score(task, split, r) for r in read_generations(folder)}
 
 
 def paired_difference(method_SR: list[dict[int, tuple[str, str, float]]],
@@ -139,6 +148,7 @@ def difference_lines(out: Path, task: str, rows: list[dict]) -> list[str]:
     """Markdown: every method minus inst_tune_no_rule per split and k, paired row by row."""
     ref = METHODS[0]
     cells = {(r["method"], int(r["k"]), int(r["seed"]), r["split"], r["side"]) for r in rows}
+    scores = functools.cache(functools.partial(_row_scores, out, task))  # ref: read once
     lines = []
     for split in sorted({c[3] for c in cells}):
         ks = sorted({c[1] for c in cells if c[3] == split})
@@ -149,8 +159,8 @@ def difference_lines(out: Path, task: str, rows: list[dict]) -> list[str]:
             for k in ks:
                 seeds = sorted(c[2] for c in cells if c[:2] == (method, k) and c[3:] == (split, side)
                                and (ref, k, c[2], split, "student") in cells)
-                a = [_row_scores(out, task, method, k, sd, split, side) for sd in seeds]
-                b = [_row_scores(out, task, ref, k, sd, split, "student") for sd in seeds]
+                a = [scores(method, k, sd, split, side) for sd in seeds]
+                b = [scores(ref, k, sd, split, "student") for sd in seeds]
                 if not seeds or any(d is None for d in a + b):
                     entries.append("—")
                     continue
