@@ -241,9 +241,15 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any
 
     Complete only once every rank has written its shards: then rank 0 drops ``COMPLETE`` in the tag
     folder and points ``latest_complete`` at it, so a crash mid-write never leaves a checkpoint
-    that looks complete (DeepSpeed's own ``latest`` may point at a partial one)."""
+    that looks complete (DeepSpeed's own ``latest`` may point at a partial one).
+
+    Frozen parameters (with LoRA: the base model, and the stage-1 teacher adapter) are not saved:
+    they never change, a resumed run rebuilds them from the same source before loading, and
+    ``state["frozen_fingerprint"]`` lets it check that the source is unchanged
+    (:func:`frozen_fingerprint`). A LoRA checkpoint of a 135M model is then ~10 MB, not ~540 MB."""
     tag = f"step{step}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state,
+                           exclude_frozen_parameters=True)
     _save_rng(ckpt_dir / tag / f"rng_rank{dist.get_rank()}.safetensors")
     if adapter is not None:  # called on every rank (it gathers); rank 0 gets the tensors
         tensors = adapter()
@@ -259,6 +265,36 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any
         if keep:
             prune_checkpoints(ckpt_dir, keep)
     dist.barrier()
+
+
+def frozen_fingerprint(model: torch.nn.Module, chunk: int = 1 << 24) -> list[float]:
+    """Two float64 numbers that change when any frozen parameter of ``model`` (not yet wrapped by
+    DeepSpeed) changes: Σ_i (i+1)·Σ p_i and Σ_i (i+1)·Σ p_i², over the frozen parameters in name
+    order. Read in chunks of ``chunk`` elements, so no full float64 copy of a large embedding is
+    made. Checkpoints omit frozen parameters; this is how a resume notices a changed source."""
+    first = second = 0.0
+    named = sorted((n, p) for n, p in model.named_parameters() if not p.requires_grad)
+    for i, (_, p) in enumerate(named):
+        flat = p.detach().reshape(-1)
+        for start in range(0, flat.numel(), chunk):
+            part = flat[start:start + chunk].double()
+            first += (i + 1) * part.sum().item()
+            second += (i + 1) * part.square().sum().item()
+    return [first, second]
+
+
+def check_fingerprint(saved: list[float] | None, now: list[float], where: str) -> None:
+    """Raise if the frozen weights differ from those the checkpoint ``where`` was trained on
+    (``saved`` is None for checkpoints written before fingerprints were recorded)."""
+    if saved is None:
+        return
+    for a, b in zip(saved, now):
+        if abs(a - b) > 1e-9 * max(abs(a), abs(b), 1e-30):
+            raise ConfigError(
+                f"{where}: the frozen weights (the base model and, in stage 2, the teacher "
+                f"adapter) differ from those this checkpoint was trained with (fingerprint "
+                f"{saved} then, {now} now), and checkpoints do not store frozen weights. "
+                f"Resume with the same --model files, or start a new run")
 
 
 def _tag_step(name: str) -> int | None:
@@ -316,7 +352,8 @@ def checkpoint_info(ckpt_dir: Path) -> tuple[str, dict[str, Any]] | None:
     return tag, state
 
 
-def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
+def load_checkpoint(engine: Any, ckpt_dir: Path, frozen: list[float] | None = None
+                    ) -> dict[str, Any] | None:
     """Load the newest complete checkpoint in ``ckpt_dir``; ``None`` if there is none.
 
     A checkpoint written by a different number of ranks is first converted (once, by rank 0, next
@@ -324,11 +361,14 @@ def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
     for the fp32 weights and both Adam moments — and loaded from there, so weights, optimizer state,
     learning-rate schedule and step count all carry over. Each rank's random stream cannot carry
     over across world sizes; the new ranks keep the seeding the run did before loading. The caller
-    checks that the global batch is unchanged (:func:`checkpoint_info`)."""
+    checks that the global batch is unchanged (:func:`checkpoint_info`). ``frozen``: this run's
+    :func:`frozen_fingerprint`, checked against the checkpoint's before anything is loaded."""
     found = checkpoint_info(ckpt_dir)
     if found is None:
         return None
     tag, state = found
+    if frozen is not None:
+        check_fingerprint(state.get("frozen_fingerprint"), frozen, f"{ckpt_dir}/{tag}")
     world = dist.get_world_size()
     written_by = state["world_size"] or world
     resized = written_by != world
@@ -337,7 +377,10 @@ def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
         load_tag = to_universal(ckpt_dir, tag)
         engine._config.load_universal_checkpoint = True  # read by engine.load_checkpoint only
     try:
-        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag)
+        # not strict: the saved module state lacks the frozen weights on purpose (see
+        # save_checkpoint); the trained ones come from the ZeRO partitions, which must match
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag,
+                                                    load_module_strict=False)
     except Exception as e:  # re-raised with what to do about it
         if not resized:
             raise

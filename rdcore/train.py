@@ -369,6 +369,7 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
                  "layer-interleaved" if use_interleave else
                  "sequential (not a Llama model)" if cfg.interleave else "sequential")
     lm = causal_lm(model)
+    frozen = eng.frozen_fingerprint(model)  # checkpoints omit frozen weights: resume checks them
     engine = eng.build_engine(module, cfg, world, lr_lambda_for(cfg, total),
                               hidden_size=lm.config.hidden_size,
                               layer_numel=sum(p.numel() for p in lm.model.layers[0].parameters()))
@@ -387,7 +388,7 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
     torch.manual_seed(cfg.seed * 7919 + 101 * rank + (1 if stage.name == "stage1" else 0))
     start = 0
     best_val, best_epoch = math.inf, 0  # select_best: the lowest validation CE so far, its epoch
-    state = eng.load_checkpoint(engine, ckpt_dir) if cfg.resume else None
+    state = eng.load_checkpoint(engine, ckpt_dir, frozen) if cfg.resume else None
     if state is not None:
         start = int(state["step"])
         best_val, best_epoch = state.get("best_val_loss", math.inf), state.get("best_epoch", 0)
@@ -410,8 +411,8 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
         bar = tqdm(total=total, initial=start, desc=stage.name, unit="step", dynamic_ncols=True)
 
     def checkpoint(at: int) -> None:
-        state = {"step": at, "world_size": world,
-                 "global_batch": cfg.global_batch(world)}
+        state = {"step": at, "world_size": world, "global_batch": cfg.global_batch(world),
+                 "frozen_fingerprint": frozen}
         if cfg.select_best and best_epoch:
             state.update(best_val_loss=best_val, best_epoch=best_epoch)
         eng.save_checkpoint(engine, ckpt_dir, at, state,

@@ -15,6 +15,19 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_report_header(config):
+    """Free disk where the tests write (a full disk once failed CI with ENOSPC mid-run)."""
+    import shutil
+    import tempfile
+
+    lines = []
+    for name, path in (("tmp", tempfile.gettempdir()), ("repo", str(ROOT))):
+        free = shutil.disk_usage(path).free / 2**30
+        low = " -- LOW: the suite needs ~1 GB free here" if free < 2 else ""
+        lines.append(f"disk free at {name} ({path}): {free:.1f} GiB{low}")
+    return lines
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The ``tiny`` preset: (model, tokenizer)."""

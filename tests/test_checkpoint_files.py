@@ -4,8 +4,10 @@ one, what pruning deletes, and the crash-safe writes (``rdcore.files``)."""
 from pathlib import Path
 
 import pytest
+import torch
 
-from rdcore.engine import latest_complete, prune_checkpoints
+from rdcore import ConfigError
+from rdcore.engine import check_fingerprint, frozen_fingerprint, latest_complete, prune_checkpoints
 from rdcore.files import atomic_write, atomic_write_text, replace_dir
 
 
@@ -95,3 +97,40 @@ def test_replace_dir_swaps_whole_folders_and_survives_a_crashed_build(tmp_path):
     replace_dir(target, lambda tmp: (tmp / "b").write_text("2"))
     assert sorted(p.name for p in target.iterdir()) == ["b"]  # no file of the old one is kept
     assert not (tmp_path / "final.tmp").exists()
+
+
+def test_frozen_fingerprint_sees_frozen_weights_only(tiny):
+    model = tiny[0]
+    saved = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    try:
+        for n, p in model.named_parameters():
+            p.requires_grad_(not n.endswith("lm_head.weight") and "layers.0." in n)
+        before = frozen_fingerprint(model)
+        assert frozen_fingerprint(model) == before  # deterministic
+        chunked = frozen_fingerprint(model, chunk=7)  # odd chunks: same sums up to rounding
+        assert chunked == pytest.approx(before, rel=1e-12)
+        trainable = next(p for p in model.parameters() if p.requires_grad)
+        with torch.no_grad():
+            trainable.add_(1.0)  # training changes only trainable weights: same fingerprint
+        assert frozen_fingerprint(model) == before
+        check_fingerprint(before, frozen_fingerprint(model), "ckpt")
+        check_fingerprint(None, frozen_fingerprint(model), "ckpt")  # older checkpoints: no record
+        with torch.no_grad():
+            model.lm_head.weight[3, 5] += 1e-3  # one frozen element moves a little
+        after = frozen_fingerprint(model)
+        assert after != before
+        with pytest.raises(ConfigError, match="frozen weights .* differ"):
+            check_fingerprint(before, after, "ckpt/step3")
+        with torch.no_grad():  # a swap of two frozen tensors keeps every sum: the order weights see it
+            a, b = model.model.layers[1].input_layernorm.weight, model.model.norm.weight
+            a.add_(torch.arange(a.numel(), dtype=a.dtype))
+            moved = frozen_fingerprint(model)
+            tmp = a.detach().clone()
+            a.copy_(b)
+            b.copy_(tmp)
+        assert frozen_fingerprint(model) != moved
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(saved[n][0])
+                p.requires_grad_(saved[n][1])

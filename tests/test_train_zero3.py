@@ -125,8 +125,14 @@ def test_sigkill_then_resume_gives_the_same_curve(tmp_path, finetune):
     if finetune == "lora":
         from safetensors.torch import load_file
 
+        from rdcore.models import load_model
+
         adapter = load_file(str(ckpt / "step4" / "adapter.safetensors"))
         assert adapter and all("lora_" in k for k in adapter)
+        # the frozen base model is not in the checkpoint (it used to be: one copy per checkpoint)
+        model_bytes = sum(p.numel() * 4 for p in load_model("tiny")[0].parameters())
+        states = sum(f.stat().st_size for f in (ckpt / "step4").glob("*model_states.pt"))
+        assert states < 0.1 * model_bytes, (states, model_bytes)
 
 
 @pytest.mark.parametrize("finetune", ["full", "lora"])
@@ -286,6 +292,28 @@ def test_lora_resume_on_more_ranks(tmp_path):
     launch(grown, 2, *flags, "--grad_accum", "1", "--resume", "on")
     assert (grown / "checkpoints" / "main" / "world_size").read_text().strip() == "2"
     assert_same_curve(metrics(grown), metrics(one), rel=1e-5, keys=("loss", "lr"))
+
+
+def test_lora_resume_refuses_a_changed_base_model(tmp_path, tiny):
+    """Checkpoints leave the frozen base out, so a resume rebuilds it from --model: if those files
+    changed since, the run stops with a clear error instead of training on other weights."""
+    from safetensors.torch import load_file, save_file
+
+    model, tok = tiny
+    folder = tmp_path / "model"
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    flags = ("--model", str(folder), "--method", "inst_tune_no_rule", "--finetune", "lora",
+             "--max_steps", "2", "--save_every", "1", "--save_model", "off")
+    run = tmp_path / "run"
+    launch(run, 1, *flags)
+    stopped = truncated_copy(run, tmp_path / "stopped", 1)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.01
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    proc = launch(stopped, 1, *flags, "--resume", "on", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "frozen weights" in proc.stderr and "differ" in proc.stderr
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
