@@ -84,10 +84,12 @@ def cell(args: argparse.Namespace, method: str, k: int, seed: int) -> list[dict]
                  "--finetune", "lora", "--epochs", str(args.epochs), "--lr", str(args.lr),
                  "--micro_batch_size", str(args.micro_batch_size), "--output_dir", str(folder),
                  "--resume", "on", "--tensorboard", "off", "--select_best", args.select_best,
-                 *args.train_args]
+                 "--save_model", args.save_model, *args.train_args]
         if args.rule_text:
             train += ["--rule_text", args.rule_text]
-        if not (folder / "final" / "config.json").is_file():
+        from rdcore.models import is_model_dir
+
+        if not is_model_dir(folder / "final"):
             print(f"[{name}] training", flush=True)
             run(train, folder / "sweep.log")
         for (split, label, rule_text), path in evals.items():
@@ -259,6 +261,10 @@ def main() -> int:
     ap.add_argument("--eval_batch_size", type=int, default=8, help="prompts per generation batch")
     ap.add_argument("--max_new_tokens", type=int, default=0, help="0: the task's default")
     ap.add_argument("--rule_text", default="", help='"canonical" for the Bob main table')
+    ap.add_argument("--save_model", choices=("adapter", "merged"), default="adapter",
+                    help="each cell's final/: the LoRA adapter only (default; evaluation merges it "
+                    "into the base model in memory) or also the merged model (a copy of the model "
+                    "per cell)")
     ap.add_argument("--swap_test", action="store_true",
                     help="also evaluate inst_tune_rule with the rule's two wordings swapped (the "
                          "released Bob files; rows labelled side=teacher_swapped)")

@@ -20,6 +20,7 @@ from rdcore.data import SEEDS, TASK_ALIASES, TASKS, TEMPLATES
 METHODS = ("inst_tune_no_rule", "inst_tune_rule", "rule_distill_base", "rule_distill_enhanced")
 FINETUNE_MODES = ("lora", "full")
 PRECISIONS = ("fp32", "bf16")
+SAVE_MODEL = ("merged", "adapter", "off")
 
 
 @dataclass
@@ -123,8 +124,12 @@ class TrainConfig:
     """Delete an existing run in output_dir and start afresh."""
     tensorboard: bool = True
     """Write TensorBoard scalars to output_dir/tensorboard (needs the tensorboard package)."""
-    save_model: bool = True
-    """Write the final model as a safetensors Hugging Face folder in output_dir/final."""
+    save_model: str = "merged"
+    """What output_dir/final holds at the end. merged: the model as a safetensors Hugging Face
+    folder (with LoRA the adapter too, in final/adapter). adapter (LoRA only): the adapter and
+    the tokenizer, not the model's weights -- a few MB instead of a copy of the model; loading
+    final/ (evaluation, --model) merges it into the base model in memory after checking that the
+    base model's files are unchanged. off: no final/ (on/off also accepted: on = merged)."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -148,6 +153,14 @@ class TrainConfig:
                  "rule_distill_enhanced needs finetune=lora: with full fine-tuning the stage-1 teacher "
                  "and the restarted student would need two copies of the weights")
         need(not (self.resume and self.overwrite), "resume and overwrite exclude each other")
+        # on/off and the booleans of configs written before save_model took "adapter"
+        given = self.save_model.lower() if isinstance(self.save_model, str) else self.save_model
+        self.save_model = {True: "merged", False: "off", "on": "merged", "true": "merged",
+                           "false": "off"}.get(given, given)
+        need(self.save_model in SAVE_MODEL, f"save_model must be one of {SAVE_MODEL}, got "
+             f"{self.save_model!r}")
+        need(self.save_model != "adapter" or self.finetune == "lora",
+             "save_model=adapter needs finetune=lora (full fine-tuning has no adapter)")
         if self.select_best and self.val_data is None:
             need(self.data is None, "select_best with --data needs --val_data (a validation file "
                  "of the same format)")

@@ -24,6 +24,7 @@ from deepspeed import comm as dist
 from rdcore import ConfigError
 from rdcore.config import TrainConfig
 from rdcore.files import atomic_write_text, replace_dir
+from rdcore.models import same_fingerprint, weights_fingerprint
 
 
 def init_distributed() -> tuple[int, int]:
@@ -267,34 +268,22 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any
     dist.barrier()
 
 
-def frozen_fingerprint(model: torch.nn.Module, chunk: int = 1 << 24) -> list[float]:
-    """Two float64 numbers that change when any frozen parameter of ``model`` (not yet wrapped by
-    DeepSpeed) changes: Σ_i (i+1)·Σ p_i and Σ_i (i+1)·Σ p_i², over the frozen parameters in name
-    order. Read in chunks of ``chunk`` elements, so no full float64 copy of a large embedding is
-    made. Checkpoints omit frozen parameters; this is how a resume notices a changed source."""
-    first = second = 0.0
-    named = sorted((n, p) for n, p in model.named_parameters() if not p.requires_grad)
-    for i, (_, p) in enumerate(named):
-        flat = p.detach().reshape(-1)
-        for start in range(0, flat.numel(), chunk):
-            part = flat[start:start + chunk].double()
-            first += (i + 1) * part.sum().item()
-            second += (i + 1) * part.square().sum().item()
-    return [first, second]
+def frozen_fingerprint(model: torch.nn.Module) -> list[float]:
+    """:func:`rdcore.models.weights_fingerprint` of the frozen parameters of ``model`` (not yet
+    wrapped by DeepSpeed). Checkpoints omit frozen parameters; this is how a resume notices a
+    changed source."""
+    return weights_fingerprint((n, p) for n, p in model.named_parameters() if not p.requires_grad)
 
 
 def check_fingerprint(saved: list[float] | None, now: list[float], where: str) -> None:
     """Raise if the frozen weights differ from those the checkpoint ``where`` was trained on
     (``saved`` is None for checkpoints written before fingerprints were recorded)."""
-    if saved is None:
-        return
-    for a, b in zip(saved, now):
-        if abs(a - b) > 1e-9 * max(abs(a), abs(b), 1e-30):
-            raise ConfigError(
-                f"{where}: the frozen weights (the base model and, in stage 2, the teacher "
-                f"adapter) differ from those this checkpoint was trained with (fingerprint "
-                f"{saved} then, {now} now), and checkpoints do not store frozen weights. "
-                f"Resume with the same --model files, or start a new run")
+    if saved is not None and not same_fingerprint(saved, now):
+        raise ConfigError(
+            f"{where}: the frozen weights (the base model and, in stage 2, the teacher adapter) "
+            f"differ from those this checkpoint was trained with (fingerprint {saved} then, {now} "
+            f"now), and checkpoints do not store frozen weights. Resume with the same --model "
+            f"files, or start a new run")
 
 
 def _tag_step(name: str) -> int | None:

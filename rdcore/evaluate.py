@@ -62,7 +62,7 @@ from rdcore.data import (
     swap_rule_wordings,
     task_name,
 )
-from rdcore.models import load_model
+from rdcore.models import is_model_dir, load_model
 
 MAX_NEW_TOKENS = {"math": 16, "jailbreak": 96, "bob": 96}
 SPLITS = {"math": ("test_id", "test_ood"), "jailbreak": ("harmful_test", "helpful_test"),
@@ -280,7 +280,7 @@ class EvalConfig:
 
 def resolve_model(name: str) -> str:
     path = Path(name)
-    if (path / "final" / "config.json").is_file():
+    if is_model_dir(path / "final"):
         return str(path / "final")
     return name
 

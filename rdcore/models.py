@@ -10,6 +10,9 @@
   converted once into a plain Hugging Face folder (safetensors + tokenizer + chat template) in the
   cache directory and loaded from there afterwards.
 * any local Hugging Face model directory (``AutoModelForCausalLM``; safetensors only; remote code off).
+* an adapter folder (a run's ``final/`` written with ``--save_model adapter``): ``rdcore_adapter.json``
+  names the base model (a preset or a folder); the base is loaded, checked against the weights
+  fingerprint recorded at training time, and the LoRA adapter in ``adapter/`` is merged into it.
 
 The cache directory is ``$RDCORE_CACHE_DIR`` or ``~/.cache/rdcore``. Importing :mod:`rdcore` has
 already switched the Hugging Face libraries to offline mode.
@@ -26,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +238,66 @@ def _load_local(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return model, tok
 
 
+ADAPTER_MANIFEST = "rdcore_adapter.json"
+
+
+def is_model_dir(path: Path) -> bool:
+    """``path`` holds a model that :func:`load_model` reads: a Hugging Face folder or an adapter
+    folder (``ADAPTER_MANIFEST``)."""
+    return (path / "config.json").is_file() or (path / ADAPTER_MANIFEST).is_file()
+
+
+def weights_fingerprint(named: Iterable[tuple[str, torch.Tensor]], chunk: int = 1 << 24
+                        ) -> list[float]:
+    """Two float64 numbers that change when any of the tensors changes: Σ_i (i+1)·Σ t_i and
+    Σ_i (i+1)·Σ t_i², over the tensors in name order (the weights tell a swap of two tensors).
+    Read in chunks of ``chunk`` elements, so no float64 copy of a large embedding is made."""
+    first = second = 0.0
+    for i, (_, t) in enumerate(sorted(named, key=lambda nt: nt[0])):
+        flat = t.detach().reshape(-1)
+        for start in range(0, flat.numel(), chunk):
+            part = flat[start:start + chunk].double()
+            first += (i + 1) * part.sum().item()
+            second += (i + 1) * part.square().sum().item()
+    return [first, second]
+
+
+def same_fingerprint(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Equal up to float64 summation order (1e-9 relative)."""
+    return len(a) == len(b) and all(abs(x - y) <= 1e-9 * max(abs(x), abs(y), 1e-30)
+                                    for x, y in zip(a, b))
+
+
+def _load_adapter_dir(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    from peft import PeftModel
+
+    spec = json.loads((path / ADAPTER_MANIFEST).read_text())
+    base_name = spec["base_model"]
+    try:
+        model, tok = load_model(base_name, dtype=dtype, seed=spec.get("seed", 0))
+    except ModelError as err:
+        raise ModelError(f"{path} holds only an adapter; its base model {base_name!r} cannot be "
+                         f"loaded: {err}") from err
+    now = weights_fingerprint(model.named_parameters())
+    if not same_fingerprint(spec["base_fingerprint"], now):
+        raise ModelError(f"{path} holds only an adapter, trained on {base_name!r}, whose weights "
+                         f"have changed since (fingerprint {spec['base_fingerprint']} then, {now} "
+                         "now): the merged model would not be the trained one")
+    merged = PeftModel.from_pretrained(model, path / spec["adapter"]).merge_and_unload()
+    return merged.eval(), tok
+
+
+def write_adapter_manifest(folder: Path, base_name: str, seed: int, base: torch.nn.Module,
+                           adapter: str) -> None:
+    """Record in ``folder`` what :func:`load_model` needs to rebuild the merged model: the base
+    model (a preset, or a folder as an absolute path), its seed (``tiny``), the fingerprint of its
+    weights (``base``: the base model before any adapter is added) and the adapter's subfolder."""
+    name = base_name if base_name in PRESETS else str(Path(base_name).expanduser().resolve())
+    spec = {"base_model": name, "seed": seed, "adapter": adapter,
+            "base_fingerprint": weights_fingerprint(base.named_parameters())}
+    (folder / ADAPTER_MANIFEST).write_text(json.dumps(spec, indent=2) + "\n")
+
+
 def load_model(name: str, *, dtype: torch.dtype = torch.float32, seed: int = 0,
                **tiny_overrides: Any) -> tuple[Any, Any]:
     """Return ``(model, tokenizer)`` for a preset name or a local model directory.
@@ -247,6 +311,8 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, seed: int = 0,
     if name == "smollm2-135m":
         return _load_local(smollm2_dir(), dtype)
     path = Path(name).expanduser()
+    if path.is_dir() and (path / ADAPTER_MANIFEST).is_file():
+        return _load_adapter_dir(path, dtype)
     if path.is_dir():
         return _load_local(path, dtype)
     raise ModelError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor a local directory; "

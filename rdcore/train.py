@@ -61,7 +61,7 @@ from rdcore.distill import (
     lora_config,
 )
 from rdcore.files import atomic_write, replace_dir
-from rdcore.models import load_model
+from rdcore.models import load_model, write_adapter_manifest
 
 log = logging.getLogger("rdcore.train")
 
@@ -261,7 +261,7 @@ def _export(stage: Stage, engine: Any, model: Any, tokenizer: Any, out: Path, ra
     gathers only the adapter; full fine-tuning consolidates the model, and only for ``final/``.
     ``best``: export the weights saved there (``select_best``) instead of the current ones."""
     cfg = stage.cfg
-    write_final = stage.final and cfg.save_model
+    write_final = stage.final and cfg.save_model != "off"
     if stage.export_adapter is None and not write_final:
         return  # nothing to export (an adapter is exported only with LoRA, see TrainConfig)
     if best is not None:
@@ -284,17 +284,21 @@ def _export(stage: Stage, engine: Any, model: Any, tokenizer: Any, out: Path, ra
                 from peft import set_peft_model_state_dict
 
                 base, _ = load_model(cfg.model, dtype=cfg.torch_dtype, seed=cfg.seed)
+                if cfg.save_model == "adapter":  # before add_lora: the base model's own names
+                    write_adapter_manifest(tmp, cfg.model, cfg.seed, base, f"adapter/{STUDENT}")
                 fresh = add_lora(base, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
                 set_peft_model_state_dict(fresh, saved, adapter_name=STUDENT)
                 fresh.save_pretrained(tmp / "adapter", selected_adapters=[STUDENT])
-                fresh.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+                if cfg.save_model == "merged":
+                    fresh.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
             else:
                 state = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}
                 causal_lm(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
 
         replace_dir(final, build)
-        log.info("final model written to %s", final)
+        log.info("final %s written to %s", "adapter (merged into its base model when loaded)"
+                 if cfg.save_model == "adapter" else "model", final)
     eng.barrier()
 
 

@@ -137,6 +137,16 @@ def test_config_file_flags_and_validation(tmp_path):
     assert TrainConfig(select_best=True, data=str(rows), val_data=str(rows)).val_data
     with pytest.raises(ConfigError, match="val_data .* is not a file"):
         TrainConfig(select_best=True, val_data=str(tmp_path / "missing.json"))
+    # save_model: merged / adapter / off; on/off and the booleans of older configs still read
+    assert config_from_args(["--save_model", "adapter"]).save_model == "adapter"
+    assert config_from_args(["--save_model", "off"]).save_model == "off"
+    assert config_from_args(["--save_model", "On"]).save_model == "merged"
+    assert TrainConfig(save_model=True).save_model == "merged"
+    assert TrainConfig(save_model=False).save_model == "off"
+    with pytest.raises(ConfigError, match="save_model must be one of"):
+        TrainConfig(save_model="weights")
+    with pytest.raises(ConfigError, match="save_model=adapter needs finetune=lora"):
+        TrainConfig(save_model="adapter", finetune="full", method="rule_distill_base")
 
 
 def test_deepspeed_config_conflicts_are_errors(tmp_path):

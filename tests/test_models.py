@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -79,3 +80,53 @@ def test_smollm2_conversion_is_exact_and_the_model_is_real():
                                      return_dict=True)
     out = model.generate(**prompt, max_new_tokens=10, do_sample=False)
     assert "Paris" in tok.decode(out[0, prompt["input_ids"].shape[1]:])
+
+
+def test_adapter_folder_loads_merged_and_checks_its_base(tmp_path, tiny):
+    """A final/ written with --save_model adapter: load_model merges the adapter into the base
+    model named in the manifest, and refuses when the base model's files changed since."""
+    from peft import get_peft_model_state_dict
+
+    from rdcore.distill import STUDENT, add_lora, lora_config
+    from rdcore.models import ADAPTER_MANIFEST, is_model_dir, write_adapter_manifest
+
+    model, tok = tiny
+    base_dir = tmp_path / "base"
+    model.save_pretrained(base_dir, safe_serialization=True)
+    tok.save_pretrained(base_dir)
+    base, _ = load_model(str(base_dir))
+    final = tmp_path / "final"
+    final.mkdir()
+    write_adapter_manifest(final, str(base_dir), 0, base, f"adapter/{STUDENT}")
+    peft = add_lora(base, lora_config(4, 8, 0.0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # a trained-looking adapter (B = 0 would merge to the base)
+    peft.save_pretrained(final / "adapter", selected_adapters=[STUDENT])
+    assert get_peft_model_state_dict(peft, adapter_name=STUDENT)
+    expected = peft.merge_and_unload()
+    assert is_model_dir(final) and not (final / "config.json").exists()
+    loaded, tok2 = load_model(str(final))
+    assert not any("lora" in n for n, _ in loaded.named_parameters())
+    want = dict(expected.named_parameters())
+    changed = 0
+    for n, p in loaded.named_parameters():
+        torch.testing.assert_close(p, want[n], rtol=0, atol=1e-6)
+        changed += not torch.equal(p, model.state_dict()[n])
+    assert changed > 0  # the adapter was merged: not the base model
+    assert tok2("62 @@@ 51")["input_ids"] == tok("62 @@@ 51")["input_ids"]
+    # the base model's files change: refused, not a silently different model
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(base_dir / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1e-3
+    save_file(weights, str(base_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="have changed since"):
+        load_model(str(final))
+    spec = json.loads((final / ADAPTER_MANIFEST).read_text())
+    spec["base_model"] = str(tmp_path / "gone")
+    (final / ADAPTER_MANIFEST).write_text(json.dumps(spec))
+    with pytest.raises(ModelError, match="holds only an adapter; its base model"):
+        load_model(str(final))

@@ -31,6 +31,9 @@ def test_sweep_is_resumable(tmp_path):
     cell = tmp_path / "cells" / "rule_distill_base_k8_s1234"  # the paper's model selection
     assert json.loads((cell / "config.json").read_text())["select_best"] is True
     assert (cell / "best" / "main" / "epoch1.pt").is_file()
+    # cells keep the adapter only (evaluation merged it into the base model)
+    assert (cell / "final" / "rdcore_adapter.json").is_file()
+    assert not (cell / "final" / "model.safetensors").exists()
     table = (tmp_path / "table.md").read_text()
     assert "| rule_distill_base |" in table and "(n=1)" in table
     assert "test — adherence: difference from inst_tune_no_rule" in table  # paired over test rows

@@ -459,9 +459,13 @@ def plain_validation_ce(model_dir: Path) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rdcore.data import Encoder, collate, load_task
+    from rdcore.models import ADAPTER_MANIFEST, load_model
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if (model_dir / ADAPTER_MANIFEST).is_file():  # --save_model adapter: rdcore merges it
+        model, tok = load_model(str(model_dir))
+    else:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     data = Encoder(tok, "alpaca", 1024).encode(load_task("math", "valid", 8, 1234))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batch = collate([data[i] for i in range(len(data))], pad)
@@ -498,11 +502,14 @@ def test_select_best_exports_the_best_epoch_and_leaves_training_alone(tmp_path):
     assert rows[-1]["best_epoch"] == chosen and rows[-1]["best_val_loss"] == min(vals)
     assert sorted(p.name for p in (best / "best" / "main").iterdir()) == [f"epoch{chosen}.pt"]
     assert plain_validation_ce(best / "final") == pytest.approx(min(vals), rel=1e-5)
-    # the same run without validation: every training step identical
+    # the same run without validation: every training step identical; its final/ holds only the
+    # adapter (--save_model adapter), which loads merged into the base as the last epoch's model
     plain = tmp_path / "plain"
-    launch(plain, 2, *flags[:-2], "--select_best", "off")
+    launch(plain, 2, *flags[:-2], "--select_best", "off", "--save_model", "adapter")
     assert not validation_rows(plain)
     assert_same_curve(metrics(best), metrics(plain), rel=1e-6, keys=("loss", "lr"))
+    assert not list((plain / "final").glob("*.safetensors"))  # no copy of the model
+    assert plain_validation_ce(plain / "final") == pytest.approx(vals[-1], rel=1e-5)
     # and LoRA dropout is on in training: without it the curve differs from the second step on
     # (the adapter's output is 0 at the first)
     nodrop = tmp_path / "nodrop"
