@@ -247,7 +247,7 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any
     Frozen parameters (with LoRA: the base model, and the stage-1 teacher adapter) are not saved:
     they never change, a resumed run rebuilds them from the same source before loading, and
     ``state["frozen_fingerprint"]`` lets it check that the source is unchanged
-    (:func:`frozen_fingerprint`). A LoRA checkpoint of a 135M model is then ~10 MB, not ~540 MB."""
+    (:func:`frozen_fingerprint`). A LoRA checkpoint of SmolLM2-135M is then 29 MiB, not 543 MiB."""
     tag = f"step{step}"
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state,
                            exclude_frozen_parameters=True)
