@@ -273,8 +273,9 @@ def _load_adapter_dir(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
 
     spec = json.loads((path / ADAPTER_MANIFEST).read_text())
     base_name = spec["base_model"]
+    trained_dtype = getattr(torch, spec.get("dtype", "float32"))  # as training merged it
     try:
-        model, tok = load_model(base_name, dtype=dtype, seed=spec.get("seed", 0))
+        model, tok = load_model(base_name, dtype=trained_dtype, seed=spec.get("seed", 0))
     except ModelError as err:
         raise ModelError(f"{path} holds only an adapter; its base model {base_name!r} cannot be "
                          f"loaded: {err}") from err
@@ -284,16 +285,18 @@ def _load_adapter_dir(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
                          f"have changed since (fingerprint {spec['base_fingerprint']} then, {now} "
                          "now): the merged model would not be the trained one")
     merged = PeftModel.from_pretrained(model, path / spec["adapter"]).merge_and_unload()
-    return merged.eval(), tok
+    return merged.to(dtype).eval(), tok
 
 
 def write_adapter_manifest(folder: Path, base_name: str, seed: int, base: torch.nn.Module,
                            adapter: str) -> None:
     """Record in ``folder`` what :func:`load_model` needs to rebuild the merged model: the base
     model (a preset, or a folder as an absolute path), its seed (``tiny``), the fingerprint of its
-    weights (``base``: the base model before any adapter is added) and the adapter's subfolder."""
+    weights (``base``: the base model before any adapter is added, in the dtype it was trained
+    in, which is recorded too) and the adapter's subfolder."""
     name = base_name if base_name in PRESETS else str(Path(base_name).expanduser().resolve())
-    spec = {"base_model": name, "seed": seed, "adapter": adapter,
+    dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
+    spec = {"base_model": name, "seed": seed, "adapter": adapter, "dtype": dtype,
             "base_fingerprint": weights_fingerprint(base.named_parameters())}
     (folder / ADAPTER_MANIFEST).write_text(json.dumps(spec, indent=2) + "\n")
 

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -117,6 +118,16 @@ def test_adapter_folder_loads_merged_and_checks_its_base(tmp_path, tiny):
         changed += not torch.equal(p, model.state_dict()[n])
     assert changed > 0  # the adapter was merged: not the base model
     assert tok2("62 @@@ 51")["input_ids"] == tok("62 @@@ 51")["input_ids"]
+    # trained in bf16: the base is checked and merged in bf16, then cast to the dtype asked for
+    bf16 = tmp_path / "final_bf16"
+    bf16.mkdir()
+    base16, _ = load_model(str(base_dir), dtype=torch.bfloat16)
+    write_adapter_manifest(bf16, str(base_dir), 0, base16, f"adapter/{STUDENT}")
+    shutil.copytree(final / "adapter", bf16 / "adapter")
+    got16, _ = load_model(str(bf16))  # fp32 asked: no false alarm from the bf16 fingerprint
+    assert next(got16.parameters()).dtype == torch.float32
+    for n, p in got16.named_parameters():
+        torch.testing.assert_close(p, want[n], rtol=0, atol=2e-2)  # bf16 rounding only
     # the base model's files change: refused, not a silently different model
     from safetensors.torch import load_file, save_file
 
