@@ -33,14 +33,16 @@ $(STAMP): setup.py pyproject.toml requirements/cpu.txt requirements/constraints-
 demo: setup
 	$(VENV)/bin/deepspeed --num_accelerators 2 rdcore/train.py $(DEMO_FLAGS)
 
+# pytest's own script, not `python -m pytest`: that would put the repository root (and its kernels/
+# folder) on sys.path; the suite imports the installed rdcore and rdcore.kernels.
 test: setup
-	$(PY) -m pytest tests
+	$(VENV)/bin/pytest tests
 
 lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) -m pytest bench --benchmark-enable --benchmark-only -q
+	$(VENV)/bin/pytest bench --benchmark-enable --benchmark-only -q
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -4,7 +4,7 @@ Install (CPU):  pip install -r requirements/cpu.txt && pip install -e ".[dev,dem
 Install (GPU):  install the CUDA torch you already have, then pip install -e ".[dev]"
 """
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 setup(
     name="rdcore",
@@ -14,7 +14,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["kernels", "kernels.*", "rdcore", "rdcore.*"]),
+    # The kernels live in the top-level folder kernels/ (the layout is part of the design) but install
+    # and import as rdcore.kernels: nothing named `kernels` is put on sys.path, where it would collide
+    # with PyPI's `kernels` (Hugging Face's hub kernels, which transformers probes for).
+    packages=["rdcore", "rdcore.kernels"],
+    package_dir={"rdcore": "rdcore", "rdcore.kernels": "kernels"},
     package_data={"rdcore": ["resources/rule_distillation/LICENSE",
                              "resources/rule_distillation/*/*.json"]},
     install_requires=[

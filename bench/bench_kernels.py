@@ -47,10 +47,10 @@ def _provider_fn(op: str, provider: str):
 
     if op == "linear_kl":
         if provider == "naive":
-            from kernels.linear_kl_torch import linear_kl_reference as fn
+            from rdcore.kernels.linear_kl_torch import linear_kl_reference as fn
             return fn
         if provider in ("torch", "triton"):
-            from kernels import fused_linear_kl
+            from rdcore.kernels import fused_linear_kl
 
             return lambda *a, **k: fused_linear_kl(*a, impl=provider, **k)
         if provider == "liger":
@@ -59,8 +59,8 @@ def _provider_fn(op: str, provider: str):
             jsd = LigerFusedLinearJSD(jsd_beta=0.0, temperature=1.0)
             return lambda x, xt, w, wt: jsd(x, w, xt, wt)
     else:
-        from kernels import normalized_hidden_mse
-        from kernels.hidden_mse_torch import normalized_hidden_mse_reference
+        from rdcore.kernels import normalized_hidden_mse
+        from rdcore.kernels.hidden_mse_torch import normalized_hidden_mse_reference
 
         if provider == "naive":
             return normalized_hidden_mse_reference

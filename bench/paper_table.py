@@ -30,19 +30,14 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, free_port
+
+from rdcore.stats import paired_difference
+
 METHODS = ("inst_tune_no_rule", "inst_tune_rule", "rule_distill_base", "rule_distill_enhanced")
 MAIN_METRIC = {"math": "exact_match", "jailbreak": "refusal_rate", "bob": "adherence"}
 SPLITS = {"math": ["test_id", "test_ood"], "jailbreak": ["harmful_test", "helpful_test"],
           "bob": ["test"]}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -123,27 +118,6 @@ def _row_scores(out: Path, task: str, method: str, k: int, seed: int, split: str
     if not (folder / "generations.jsonl").is_file():
         return None
     return {r["index"]: row_score(task, split, r) for r in read_generations(folder)}
-
-
-def paired_difference(method_SR: list[dict[int, tuple[str, str, float]]],
-                      ref_SR: list[dict[int, tuple[str, str, float]]]) -> tuple[float, float, int]:
-    """A method's main metric minus the reference's over the same test rows: each row's value is
-    averaged over the seeds (S) first, then the metric is the mean over groups of the group means.
-    Returns (difference, its standard error over test rows, rows): SE = √(Σ_g var_g / n_g) / G, the
-    sampling error of a test set of this size — which the spread over seeds does not show."""
-    rows = sorted(set.intersection(*(set(d) for d in method_SR + ref_SR)))
-    groups: dict[str, list[float]] = defaultdict(list)
-    for i in rows:
-        a = statistics.mean(d[i][2] for d in method_SR)
-        b = statistics.mean(d[i][2] for d in ref_SR)
-        groups[ref_SR[0][i][1]].append(a - b)
-    if not groups:
-        return float("nan"), float("nan"), 0
-    diff = statistics.mean(statistics.mean(v) for v in groups.values())
-    if any(len(v) < 2 for v in groups.values()):
-        return diff, float("nan"), len(rows)
-    var = sum(statistics.variance(v) / len(v) for v in groups.values())
-    return diff, var ** 0.5 / len(groups), len(rows)
 
 
 def difference_lines(out: Path, task: str, rows: list[dict]) -> list[str]:

@@ -31,11 +31,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "bench" / "results" / "step.jsonl"
+from common import RESULTS as RESULTS_DIR
+from common import ROOT, git_sha
+
+RESULTS = RESULTS_DIR / "step.jsonl"
 VARIANTS = {"a": "paper", "b": "hf", "c": "rdcore", "d": "rdcore+prefix", "e": "rdcore+prefix+targets"}
 
 
@@ -81,8 +81,9 @@ def _paper_losses(t_out, s_out, t_mask, s_mask, beta: float):
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
+    from rdcore.config import LossWeights
     from rdcore.data import Encoder, collate, load_task
-    from rdcore.distill import RuleDistillModule, add_lora, lora_config
+    from rdcore.distill import RuleDistillModule, TeacherTargets, add_lora, lora_config
     from rdcore.models import load_model
 
     cuda = torch.cuda.is_available()
@@ -100,28 +101,18 @@ def worker(args: argparse.Namespace) -> dict:
         teacher = copy.deepcopy(base).to(device).eval()  # the separate teacher copy
         for p in teacher.parameters():
             p.requires_grad_(False)
-    model = add_lora(base, lora_config(16, 16, 0.0)).to(device)
+    model = add_lora(base, lora_config(16, 16, 0.0, model=base)).to(device)
     module = None
     if variant in ("c", "d", "e"):
-        module = RuleDistillModule(model, "rule_distill_base", "disabled", beta=args.beta,
-                                   rule_prefix_ids=data.rule_prefix_ids if variant != "c" else None,
-                                   teacher_cache_bytes=2**34 if variant == "e" else 0).to(device)
+        module = RuleDistillModule(
+            model, "rule_distill_base", "disabled", loss=LossWeights(beta=args.beta),
+            rule_prefix_ids=data.rule_prefix_ids if variant != "c" else None,
+            targets=TeacherTargets(2**34) if variant == "e" else None, time_teacher=True).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     n = len(data)
     batches = [list(range(i, min(i + args.batch_size, n))) for i in range(0, n, args.batch_size)]
     teacher_time: list[float] = []
-
-    if module is not None:  # time the teacher pass inside the module
-        inner = module._teacher
-
-        def timed(batch):
-            t0 = _now(cuda)
-            out = inner(batch)
-            teacher_time.append(_now(cuda) - t0)
-            return out
-
-        module._teacher = timed
 
     teacher_tokens = 0
 
@@ -141,29 +132,27 @@ def worker(args: argparse.Namespace) -> dict:
             # so the response positions coincide
             loss = _paper_losses(t_out, s_out, b["t_mask"], b["s_resp"], args.beta)
         else:
-            batch = {k: v.to(device) for k, v in collate(exs, pad, prefix_len=P).items()}
-            batch["example_ids"] = torch.tensor(ids, device=device)
-            batch["rows_per_example"] = torch.tensor([e.response_len for e in exs])
-            w = torch.ones(sum(e.response_len for e in exs), device=device)
+            batch = collate(exs, pad, prefix_len=P, example_ids=ids).to(device)
             if variant == "b":
                 t0 = _now(cuda)
                 with torch.no_grad():
-                    t_out = teacher(input_ids=batch["teacher_input_ids"],
-                                    attention_mask=batch["teacher_attention_mask"],
-                                    position_ids=batch["teacher_position_ids"],
+                    t_out = teacher(input_ids=batch.teacher_input_ids,
+                                    attention_mask=batch.teacher_attention_mask,
+                                    position_ids=batch.teacher_position_ids,
                                     output_hidden_states=True)
                 teacher_time.append(_now(cuda) - t0)
-                teacher_tokens += batch["teacher_input_ids"].numel()
-                s_out = model(input_ids=batch["student_input_ids"],
-                              attention_mask=batch["student_attention_mask"],
-                              position_ids=batch["student_position_ids"], output_hidden_states=True)
+                teacher_tokens += batch.teacher_input_ids.numel()
+                s_out = model(input_ids=batch.student_input_ids,
+                              attention_mask=batch.student_attention_mask,
+                              position_ids=batch.student_position_ids, output_hidden_states=True)
                 loss = _unfused_losses(t_out.logits, s_out.logits, t_out.hidden_states,
-                                       s_out.hidden_states, batch["teacher_distill_index"],
-                                       batch["student_distill_index"], args.beta)
+                                       s_out.hidden_states, batch.teacher_distill_index,
+                                       batch.student_distill_index, args.beta)
             else:
-                if module.targets is not None:
-                    module.teacher_from_cache = module.targets.has_all(ids)
-                loss, _ = module(batch, w, 1.0)
+                before = module.work.seconds
+                loss, _ = module(batch, 1.0)
+                if module.work.seconds > before:  # the teacher ran (not taken from the cache)
+                    teacher_time.append(module.work.seconds - before)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -189,7 +178,7 @@ def worker(args: argparse.Namespace) -> dict:
                 counted += len(ids)
         per_epoch.append(samples / (_now(cuda) - t_epoch))
     if module is not None:
-        teacher_tokens = module.counters["teacher_tokens"]
+        teacher_tokens = module.work.tokens
     total_samples = (len(data) * epochs) if variant == "e" else (
         sum(len(b) for b in (batches * (args.warmup + args.steps))[: args.warmup + args.steps]))
     peak = (torch.cuda.max_memory_allocated() if cuda
@@ -232,18 +221,6 @@ def _left_pad_to(exs, pad: int, length: int, device):
     res = {k: v.to(device) for k, v in out.items()}
     res["s_resp"] = s_resp.to(device)
     return res
-
-
-def git_sha() -> str:
-    """The short commit SHA, with ``+dirty`` when tracked files differ from it."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def plot() -> int:

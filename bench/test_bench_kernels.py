@@ -7,9 +7,9 @@ Providers: ``naive`` (plain PyTorch, full logits), ``torch`` (chunked PyTorch pa
 import pytest
 import torch
 
-from kernels import fused_linear_kl, normalized_hidden_mse
-from kernels.hidden_mse_torch import normalized_hidden_mse_reference
-from kernels.linear_kl_torch import linear_kl_reference
+from rdcore.kernels import fused_linear_kl, normalized_hidden_mse
+from rdcore.kernels.hidden_mse_torch import normalized_hidden_mse_reference
+from rdcore.kernels.linear_kl_torch import linear_kl_reference
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"

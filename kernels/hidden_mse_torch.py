@@ -1,12 +1,10 @@
-"""Normalised hidden-state MSE over layers: the plain-PyTorch reference and the PyTorch path.
-
-The Triton kernel lives in ``kernels/hidden_mse.py``, which also holds the public function.
+"""Normalised hidden-state MSE over layers in PyTorch: the plain reference and the PyTorch path.
 
 Formula (L layers, rows n, hidden units h, eps = 1e-12 as ``F.normalize``)::
 
     ŝ_ln = s_ln / max(‖s_ln‖₂, eps)        t̂_ln = t_ln / max(‖t_ln‖₂, eps)
     ℓ_n  = 1/(L·H) · Σ_l Σ_h (ŝ_lnh − t̂_lnh)²
-    loss = Σ_{n selected} ℓ_n / max(#selected, 1)
+    loss = Σ_n w_n ℓ_n,   w_n = mask_n / max(#selected, 1)
 
     gradient, with d = ŝ − t̂ and g = 2·w_n·d/(L·H):
         ∂loss/∂s_ln = (g − ŝ_ln (ŝ_ln·g)) / ‖s_ln‖      if ‖s_ln‖ > eps
@@ -44,50 +42,24 @@ def normalized_hidden_mse_reference(student_states: Sequence[torch.Tensor],
     return torch.where(mask, rows, rows.new_zeros(())).sum() / mask.sum().clamp_min(1)
 
 
-class _HiddenMSETorch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, mask, L: int, *states):
-        students, teachers = states[:L], states[L:]
-        N, H = students[0].shape
-        w_N = (torch.ones(N, device=students[0].device) if mask is None else mask.float())
-        w_N = w_N / w_N.sum().clamp_min(1)
-        need = any(ctx.needs_input_grad[2:2 + L])
-        rows_N = students[0].new_zeros(N, dtype=torch.float32)
-        grads = []
-        for s, t in zip(students, teachers):
-            s32 = s.float()
-            norm_s = s32.norm(dim=-1, keepdim=True)
-            s_hat = s32 / norm_s.clamp_min(EPS)
-            t32 = t.float()
-            d = s_hat - t32 / t32.norm(dim=-1, keepdim=True).clamp_min(EPS)
-            rows_N += d.pow(2).sum(-1)
-            if need:
-                g = d.mul_(2.0 / (L * H) * w_N[:, None])
-                proj = (s_hat * g).sum(-1, keepdim=True)
-                big = norm_s > EPS
-                grad = torch.where(big, (g - s_hat * proj) / norm_s.clamp_min(EPS), g / EPS)
-                grads.append(grad.to(s.dtype))
-        if need:
-            ctx.save_for_backward(*grads)
-        ctx.L = L
-        return (rows_N * w_N).sum() / (L * H)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return hidden_mse_backward(ctx, grad_out)
-
-
-def hidden_mse_backward(ctx, grad_out):
-    """Shared ``backward``: scale the gradients saved by the forward pass by ``grad_output``
-    (skipped when it is exactly 1, checked on CPU only: on an accelerator the comparison would be a
-    host sync). Inputs were ``(mask, L, *students, *teachers)``."""
-    grads = ctx.saved_tensors
-    if not (grad_out.device.type == "cpu" and bool(grad_out == 1)):
-        grads = tuple(g * grad_out.to(g.dtype) for g in grads)
-    return (None, None, *grads, *([None] * ctx.L))
-
-
-def hidden_mse_torch(students: list[torch.Tensor], teachers: list[torch.Tensor],
-                     mask: torch.Tensor | None) -> torch.Tensor:
-    """The PyTorch path (arguments already checked; teacher tensors detached)."""
-    return _HiddenMSETorch.apply(mask, len(students), *students, *teachers)
+def _torch_hidden_mse(students: list[torch.Tensor], teachers: list[torch.Tensor],
+                      w_N: torch.Tensor, want_grad: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The PyTorch pass: the loss and, with ``want_grad``, each layer's gradient."""
+    L = len(students)
+    N, H = students[0].shape
+    rows_N = students[0].new_zeros(N, dtype=torch.float32)
+    grads = []
+    for s, t in zip(students, teachers):
+        s32 = s.float()
+        norm_s = s32.norm(dim=-1, keepdim=True)
+        s_hat = s32 / norm_s.clamp_min(EPS)
+        t32 = t.float()
+        d = s_hat - t32 / t32.norm(dim=-1, keepdim=True).clamp_min(EPS)
+        rows_N += d.pow(2).sum(-1)
+        if want_grad:
+            g = d.mul_(2.0 / (L * H) * w_N[:, None])
+            proj = (s_hat * g).sum(-1, keepdim=True)
+            big = norm_s > EPS
+            grad = torch.where(big, (g - s_hat * proj) / norm_s.clamp_min(EPS), g / EPS)
+            grads.append(grad.to(s.dtype))
+    return (rows_N * w_N).sum() / (L * H), grads

@@ -1,31 +1,30 @@
-"""Linear (lm_head) + KL divergence: the plain-PyTorch reference and the chunked-PyTorch path.
+"""Linear (lm_head) + KL divergence in PyTorch: the plain reference and the chunked path.
 
-The Triton kernels live in ``kernels/linear_kl.py``, which also holds the public function.
+Formula (per row n; W, b the student head, W̃, b̃ the teacher's; the logit transform of
+:class:`~._common.LogitSpec`: scale, softcap, temperature T)::
 
-Formula (per row n, temperature T, student weight W, teacher weight W̃)::
+    s_n = softcap(scale·(x_n·Wᵀ + b)) / T      t_n = softcap(scale·(x̃_n·W̃ᵀ + b̃)) / T     ([V])
+    ℓ_n = T² · KL(softmax(t_n) ‖ softmax(s_n)),    p_n = softmax(t_n),  q_n = softmax(s_n)
+    g_nv := ∂(w_n ℓ_n)/∂(x_n·W_vᵀ) = T · w_n · (q_nv − p_nv) · scale · (1 − (T·s_nv / cap)²)
+    ∂/∂x_n = Σ_v g_nv W_v      ∂/∂W_v = Σ_n g_nv x_n      ∂/∂b_v = Σ_n g_nv
 
-    s_n = x_n · Wᵀ / T          t_n = x̃_n · W̃ᵀ / T                        (logits, [V])
-    ℓ_n = T² · KL(softmax(t_n) ‖ softmax(s_n))
-        = T² · ( Σ_v p_nv (t_nv − s_nv) − lse(t_n) + lse(s_n) ),   p_n = softmax(t_n)
-    ∂ℓ_n/∂(x_n·W_vᵀ) = T · (softmax(s_n)_v − p_nv)  =: g_nv
-    ∂ℓ/∂x_n = Σ_v g_nv W_v        ∂ℓ/∂W_v = Σ_n g_nv x_n
+(the last factor only with a softcap). The teacher side is a constant: no gradient reaches it, even
+when W̃ *is* W.
 
-The teacher side (x̃, W̃) is a constant: no gradient flows to it, even when W̃ *is* W.
+Shape letters: N rows, H student hidden size, Ht teacher hidden size, V vocabulary, C rows of a
+chunk, R rows of a block (the element-wise work).
 
-Shape letters: N rows, H student hidden size, Ht teacher hidden size, V vocabulary, C rows per
-chunk, K vocabulary entries per upcast block.
+Dtype policy: inputs fp32, bf16 or fp16. Logits, softmax statistics and per-row losses are fp32 (a
+low-precision weight is upcast block by block before the product, so nothing is rounded to bf16);
+dW and db are accumulated in fp32 and cast once; dX is written in x's dtype.
 
-Dtype policy: inputs may be fp32, bf16 or fp16. Logits, softmax statistics and per-row losses are fp32
-(low-precision operands are upcast block by block before the product, so nothing is rounded to bf16);
-the weight gradient is accumulated in fp32 across chunks and cast to W's dtype once; dX is written in
-x's dtype.
-
-Chunked path (``impl="torch"``): rows are processed C at a time, C chosen from a memory budget
-(``CHUNK_BUDGET_BYTES``) so the live fp32 buffers are [C, V], never [N, V]. Gradients are computed in
-the forward pass (per chunk: teacher logits, student logits, dX, dW — four GEMMs) and backward only
-scales them by ``grad_output`` (skipped when it is exactly 1). The mask is applied as per-row weights
-(no host synchronisation, no data-dependent shapes). ``reduction="none"`` cannot fold ``grad_output``
-into a precomputed dW, so its backward recomputes the chunks with ``grad_output`` as row weights.
+Chunked path (gradient in the forward pass: per chunk the teacher and student logits — one GEMM over
+``[x̃; x]`` when the weight is shared — then dX and dW, four GEMMs' worth of work): the chunk size C
+comes from the problem (:func:`torch_chunk_rows`): large enough that the ``dW += gᵀ·x`` update, a
+GEMM with inner dimension C, is compute-bound, small enough that the [C, V] logit buffers stay
+below the size of the weight, which is allocated anyway. The element-wise work (log-softmax, KL,
+gradient) runs R rows at a time so that its buffers stay in the processor's cache. The first chunk
+writes dW (no zero-fill). The mask is applied as row weights (no host synchronisation).
 """
 
 from __future__ import annotations
@@ -33,154 +32,162 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK_BUDGET_BYTES = 128 * 2**20
-"""Budget for the per-chunk fp32 buffers of the chunked path (at most 4 live buffers of [C, V]:
-a logits buffer, the two log-softmaxes, the KL terms)."""
-REDUCTIONS = ("mean", "sum", "none")
+from ._common import KLGrads, KLProblem, LogitSpec, reduce_rows
+
+BLOCK_ELEMENTS = 1 << 19
+"""Elements of one [R, V] block of the element-wise work (2 MiB in fp32: a few live buffers of
+this size stay in a server processor's L2/L3 cache)."""
+MIN_CHUNK_ROWS = 256
+"""The dW update ``gᵀ·x`` has inner dimension C: below ~256 a CPU GEMM is bound by the
+read-modify-write of the fp32 dW ([V, H]), above it by arithmetic."""
+UPCAST_BLOCK_BYTES = 64 << 20
+"""fp32 copy of a low-precision weight, made this many bytes at a time."""
 
 
 # --------------------------------------------------------------------------------------------------
 # Reference: plain PyTorch, full logits (what the paper's code does, in the inputs' dtype)
 # --------------------------------------------------------------------------------------------------
+def apply_spec(raw: torch.Tensor, spec: LogitSpec) -> torch.Tensor:
+    """``softcap(scale·raw) / T`` (out of place)."""
+    u = raw * spec.scale if spec.scale != 1.0 else raw
+    if spec.softcap is not None:
+        u = torch.tanh(u / spec.softcap) * spec.softcap
+    return u / spec.temperature
+
+
 def linear_kl_reference(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
                         weight: torch.Tensor, teacher_weight: torch.Tensor | None = None, *,
+                        bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
                         mask: torch.Tensor | None = None, temperature: float = 1.0,
+                        logit_scale: float = 1.0, softcap: float | None = None,
                         reduction: str = "mean") -> torch.Tensor:
-    """Full [N, V] logits in the inputs' dtype, softmax and KL in fp32 (fp64 for fp64 inputs)."""
+    """Full [N, V] logits in the inputs' dtype, then the transform, softmax and KL in fp32 (fp64
+    for fp64 inputs). ``teacher_weight``/``teacher_bias`` ``None``: the student's."""
+    spec = LogitSpec(temperature, logit_scale, softcap)
     tw = weight if teacher_weight is None else teacher_weight
+    tb = bias if teacher_weight is None and teacher_bias is None else teacher_bias
     acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-    s = (student_hidden @ weight.T).to(acc) / temperature
+    raw_s = student_hidden @ weight.T + (0 if bias is None else bias)
+    s = apply_spec(raw_s.to(acc), spec)
     with torch.no_grad():
-        t = (teacher_hidden @ tw.T).to(acc) / temperature
-        log_p = F.log_softmax(t, -1)
+        raw_t = teacher_hidden @ tw.T + (0 if tb is None else tb)
+        log_p = F.log_softmax(apply_spec(raw_t.to(acc), spec), -1)
     rows = (log_p.exp() * (log_p - F.log_softmax(s, -1))).sum(-1) * temperature**2
-    return _reduce(rows, mask, reduction)
-
-
-def _reduce(rows_N: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    if mask is not None:
-        rows_N = torch.where(mask, rows_N, rows_N.new_zeros(()))
-    if reduction == "none":
-        return rows_N
-    if reduction == "sum":
-        return rows_N.sum()
-    count = rows_N.new_tensor(rows_N.shape[0]) if mask is None else mask.sum()
-    return rows_N.sum() / count.clamp_min(1)
+    return reduce_rows(rows, mask, reduction)
 
 
 # --------------------------------------------------------------------------------------------------
 # Chunked PyTorch path
 # --------------------------------------------------------------------------------------------------
-def _logits_fp32(x_CH: torch.Tensor, w_VH: torch.Tensor) -> torch.Tensor:
-    """x · Wᵀ in fp32 without rounding through a low-precision output."""
+def torch_chunk_rows(N: int, V: int, H: int, itemsize: int) -> int:
+    """Rows per chunk of the chunked path: at least :data:`MIN_CHUNK_ROWS` (a compute-bound dW
+    update), otherwise as many as keep the two fp32 [C, V] logit buffers within the size of the
+    weight [V, H] (whose fp32 gradient is as large), never more than N."""
+    by_weight = (V * H * max(itemsize, 4)) // (2 * 4 * max(V, 1))
+    return max(1, min(N, max(MIN_CHUNK_ROWS, by_weight)))
+
+
+def _upcast_blocks(w_VH: torch.Tensor):
+    """(v0, fp32 block of W) over W's rows; W itself when it is fp32/fp64."""
     if w_VH.dtype in (torch.float32, torch.float64):
-        return (x_CH.to(w_VH.dtype) @ w_VH.T).float()
+        yield 0, w_VH
+        return
     V, H = w_VH.shape
-    K = max(1, min(V, CHUNK_BUDGET_BYTES // (8 * max(H, 1))))
-    x32 = x_CH.float()
-    out_CV = x_CH.new_empty((x_CH.shape[0], V), dtype=torch.float32)
+    K = max(1, min(V, UPCAST_BLOCK_BYTES // (4 * max(H, 1))))
     for v0 in range(0, V, K):
-        out_CV[:, v0:v0 + K] = x32 @ w_VH[v0:v0 + K].float().T
-    return out_CV
+        yield v0, w_VH[v0:v0 + K].float()
 
 
-def _grad_times_w(g_CV: torch.Tensor, w_VH: torch.Tensor) -> torch.Tensor:
-    """g · W in fp32 (W upcast block by block when it is low precision)."""
-    if w_VH.dtype in (torch.float32, torch.float64):
-        return g_CV.to(w_VH.dtype) @ w_VH
-    V, H = w_VH.shape
-    K = max(1, min(V, CHUNK_BUDGET_BYTES // (8 * max(H, 1))))
-    out = g_CV.new_zeros((g_CV.shape[0], H))
-    for v0 in range(0, V, K):
-        out += g_CV[:, v0:v0 + K] @ w_VH[v0:v0 + K].float()
-    return out
+def _logits_into(out_MV: torch.Tensor, x_MH: torch.Tensor, w_VH: torch.Tensor,
+                 b_V: torch.Tensor | None) -> None:
+    """out = x·Wᵀ (+ b) in fp32 (or fp64), never rounded through a low-precision result."""
+    x = x_MH.to(out_MV.dtype)
+    for v0, w_block in _upcast_blocks(w_VH):
+        torch.mm(x, w_block.T, out=out_MV[:, v0:v0 + w_block.shape[0]])
+    if b_V is not None:
+        out_MV += b_V.to(out_MV.dtype)
 
 
-def chunk_rows(N: int, V: int) -> int:
-    """Rows per chunk so that 4 fp32 [C, V] buffers fit ``CHUNK_BUDGET_BYTES``."""
-    return max(1, min(N, CHUNK_BUDGET_BYTES // (16 * max(V, 1))))
+def _transform_(z: torch.Tensor, spec: LogitSpec) -> None:
+    """In place: raw logits → ``softcap(scale·raw)/T``."""
+    if spec.softcap is None:
+        if spec.scale != 1.0 or spec.temperature != 1.0:
+            z.mul_(spec.scale / spec.temperature)
+        return
+    z.mul_(spec.scale / spec.softcap).tanh_().mul_(spec.softcap / spec.temperature)
 
 
-def _chunked_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w_N, T: float, want_dx: bool, want_dw: bool):
-    """Per-row losses [N] (fp32) and, as asked, dX [N, H] and fp32 dW [V, H] of Σ w_n ℓ_n."""
+def _block_kl_grad_(zt_RV: torch.Tensor, zs_RV: torch.Tensor, w_R: torch.Tensor, spec: LogitSpec,
+                    want_grad: bool) -> torch.Tensor:
+    """Per-row ``T²·KL`` [R] of one block of transformed logits; with ``want_grad`` the gradient
+    with respect to the *raw* student logits is written over ``zs`` (and ``zt`` is clobbered)."""
+    T = spec.temperature
+    log_p = F.log_softmax(zt_RV, -1)
+    log_q = F.log_softmax(zs_RV, -1)
+    # Σ p (log p − log q) by one fused op (no cancellation between two log-sum-exps)
+    rows = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1).mul_(T * T)
+    if want_grad:
+        factor = T * spec.scale
+        if spec.softcap is not None:  # d softcap / du = 1 − tanh², tanh = T·z / cap
+            torch.mul(zs_RV, T / spec.softcap, out=zt_RV).square_().neg_().add_(1)
+            torch.sub(log_q.exp_(), log_p.exp_(), out=zs_RV).mul_(zt_RV)
+        else:
+            torch.sub(log_q.exp_(), log_p.exp_(), out=zs_RV)
+        zs_RV.mul_(w_R[:, None] * factor)
+    return rows
+
+
+def _chunked_pass(prob: KLProblem, row_w_N: torch.Tensor, want_dx: bool, want_dw: bool,
+                  want_db: bool) -> KLGrads:
+    """Per-row losses [N] and, as asked, dX, fp32 dW and db of Σ_n w_n ℓ_n."""
+    x_NH, xt_NHt, w_VH, wt_VHt, b_V, bt_V, spec, chunk = prob
     N, H = x_NH.shape
     V = w_VH.shape[0]
-    C = chunk_rows(N, V)
-    want_grad = want_dx or want_dw
-    loss_N = x_NH.new_zeros(N, dtype=torch.float32)
-    dx_NH = torch.zeros_like(x_NH) if want_dx else None
-    dw_VH = w_VH.new_zeros((V, H), dtype=torch.float32) if want_dw else None
+    acc = torch.float64 if x_NH.dtype == torch.float64 else torch.float32
+    shared = wt_VHt is w_VH and bt_V is b_V and xt_NHt.dtype == x_NH.dtype
+    C = min(chunk, max(N, 1)) if chunk else torch_chunk_rows(N, V, H, w_VH.element_size())
+    R = max(1, min(C, BLOCK_ELEMENTS // max(V, 1)))
+    want_grad = want_dx or want_dw or want_db
+    loss_N = x_NH.new_empty(N, dtype=acc)
+    dx_NH = torch.empty_like(x_NH) if want_dx else None
+    dw_VH: torch.Tensor | None = None
+    db_V = x_NH.new_zeros(V, dtype=acc) if want_db else None
+    z_2CV = x_NH.new_empty((2 * min(C, N), V), dtype=acc)
     for c0 in range(0, N, C):
         c1 = min(N, c0 + C)
+        rows = c1 - c0
+        zt_CV, zs_CV = z_2CV[:rows], z_2CV[rows: 2 * rows]
         x_CH = x_NH[c0:c1]
         with torch.no_grad():
-            log_p_CV = F.log_softmax(_logits_fp32(xt_NHt[c0:c1], wt_VHt).div_(T), -1)
-            log_q_CV = F.log_softmax(_logits_fp32(x_CH, w_VH).div_(T), -1)
-            # Σ p (log p − log q) in one fused pass (no cancellation between log-sum-exps)
-            kl_CV = F.kl_div(log_q_CV, log_p_CV, reduction="none", log_target=True)
-            loss_N[c0:c1] = kl_CV.sum(-1) * T**2
-            del kl_CV
-            if want_grad:
-                # g = T (softmax(s) − p), weighted per row, in the buffers of log q and log p.
-                g_CV = log_q_CV.exp_().sub_(log_p_CV.exp_()).mul_(T * row_w_N[c0:c1, None])
-                if want_dx:
-                    dx_NH[c0:c1] = _grad_times_w(g_CV, w_VH).to(x_NH.dtype)
-                if want_dw:
-                    dw_VH += g_CV.T @ x_CH.float()
-    return loss_N, dx_NH, dw_VH
-
-
-def _row_weights(mask: torch.Tensor | None, N: int, reduction: str, device) -> torch.Tensor:
-    w = torch.ones(N, device=device) if mask is None else mask.float()
-    if reduction == "mean":
-        w = w / w.sum().clamp_min(1)
-    return w
-
-
-class LinearKLFunction(torch.autograd.Function):
-    """The autograd Function of both paths: ``run_pass`` is the chunked-PyTorch pass
-    (:func:`_chunked_pass`) or the Triton one (``kernels.linear_kl._triton_pass``); both take
-    ``(x, x̃, W, W̃, row_w, T, want_dx, want_dw)`` and return ``(loss_N, dx | None, dW_fp32 | None)``.
-
-    "mean"/"sum": the gradients are computed in forward and saved; backward scales them by
-    ``grad_output``, skipped when it is exactly 1 (checked on CPU only: on an accelerator the
-    comparison would be a host sync, which costs more than the scale). "none": forward computes only
-    the losses; backward re-runs the pass with ``grad_output`` as row weights (a per-row
-    ``grad_output`` cannot be folded into a saved dW)."""
-
-    @staticmethod
-    def forward(ctx, run_pass, x_NH, xt_NHt, w_VH, wt_VHt, mask, T: float, reduction: str):
-        want_dx, want_dw = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-        N = x_NH.shape[0]
-        ctx.run_pass, ctx.reduction, ctx.T, ctx.wants = run_pass, reduction, T, (want_dx, want_dw)
-        if reduction == "none":
-            row_w = _row_weights(mask, N, "sum", x_NH.device)
-            loss_N, _, _ = run_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w, T, False, False)
-            ctx.save_for_backward(x_NH, xt_NHt, w_VH, wt_VHt, row_w)
-            return loss_N * row_w
-        row_w = _row_weights(mask, N, reduction, x_NH.device)
-        loss_N, dx, dw = run_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w, T, want_dx, want_dw)
-        ctx.save_for_backward(dx, None if dw is None else dw.to(w_VH.dtype))
-        return (loss_N * row_w).sum()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        want_dx, want_dw = ctx.wants
-        if ctx.reduction == "none":
-            x_NH, xt_NHt, w_VH, wt_VHt, row_w = ctx.saved_tensors
-            _, dx, dw = ctx.run_pass(x_NH, xt_NHt, w_VH, wt_VHt, row_w * grad_out.float(), ctx.T,
-                                     want_dx, want_dw)
-            return None, dx, None, None if dw is None else dw.to(w_VH.dtype), None, None, None, None
-        dx, dw = ctx.saved_tensors
-        if not (grad_out.device.type == "cpu" and bool(grad_out == 1)):
-            dx = None if dx is None else dx * grad_out.to(dx.dtype)
-            dw = None if dw is None else dw * grad_out.to(dw.dtype)
-        return None, dx, None, dw, None, None, None, None
-
-
-def linear_kl_chunked(x_NH: torch.Tensor, xt_NHt: torch.Tensor, w_VH: torch.Tensor,
-                    wt_VHt: torch.Tensor, mask: torch.Tensor | None, temperature: float,
-                    reduction: str) -> torch.Tensor:
-    """The chunked-PyTorch path (arguments already checked; teacher tensors detached)."""
-    return LinearKLFunction.apply(_chunked_pass, x_NH, xt_NHt, w_VH, wt_VHt, mask,
-                                  float(temperature), reduction)
+            if shared:  # one GEMM over [x̃; x]
+                _logits_into(z_2CV[: 2 * rows], torch.cat([xt_NHt[c0:c1], x_CH]), w_VH, b_V)
+            else:
+                _logits_into(zt_CV, xt_NHt[c0:c1], wt_VHt, bt_V)
+                _logits_into(zs_CV, x_CH, w_VH, b_V)
+            _transform_(z_2CV[: 2 * rows], spec)
+            for r0 in range(0, rows, R):
+                r1 = min(rows, r0 + R)
+                loss_N[c0 + r0: c0 + r1] = _block_kl_grad_(
+                    zt_CV[r0:r1], zs_CV[r0:r1], row_w_N[c0 + r0: c0 + r1], spec, want_grad)
+            if not want_grad:
+                continue
+            g_CV = zs_CV  # ∂/∂ raw student logits
+            if want_dx:
+                if w_VH.dtype == acc:
+                    torch.mm(g_CV, w_VH, out=dx_NH[c0:c1])
+                else:  # W upcast block by block
+                    dx_CH = torch.zeros((rows, H), dtype=acc, device=x_NH.device)
+                    for v0, w_block in _upcast_blocks(w_VH):
+                        dx_CH.addmm_(g_CV[:, v0:v0 + w_block.shape[0]], w_block)
+                    dx_NH[c0:c1] = dx_CH.to(x_NH.dtype)
+            if want_dw:
+                x_acc = x_CH.to(acc)
+                if dw_VH is None:  # the first chunk writes dW: no zero-fill
+                    dw_VH = g_CV.T @ x_acc
+                else:
+                    dw_VH.addmm_(g_CV.T, x_acc)
+            if want_db:
+                db_V += g_CV.sum(0)
+    if want_dw and dw_VH is None:  # no rows
+        dw_VH = w_VH.new_zeros((V, H), dtype=acc)
+    return KLGrads(loss_N.float() if acc == torch.float32 else loss_N, dx_NH, dw_VH, db_V)

@@ -1,164 +1,217 @@
-"""Training configuration: one dataclass, a docstring per field, validated on construction.
+"""Training configuration: one dataclass, a docstring per field, validated in one place.
 
-The resolved configuration is written to ``<output_dir>/config.json`` by every run.
+Every field is a command-line flag of ``train.py`` (built by :mod:`rdcore.cli`: its first docstring
+sentence is the help line, ``Literal`` fields list their choices, the ``group`` metadata puts it in a
+``--help`` section). Fields marked ``resumable`` may change when a run is resumed; every other field
+must equal the run's. The resolved configuration is written to ``<output_dir>/config.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import itertools
 import json
-import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, get_args
 
 from rdcore import ConfigError
-from rdcore.data import SEEDS, TASK_ALIASES, TASKS, TEMPLATES
+from rdcore.cli import check_choices, option, parse_config
+from rdcore.data import SEEDS, TASK_ALIASES, TASKS
 
-METHODS = ("inst_tune_no_rule", "inst_tune_rule", "rule_distill_base", "rule_distill_enhanced")
-FINETUNE_MODES = ("lora", "full")
-PRECISIONS = ("fp32", "bf16")
-SAVE_MODEL = ("merged", "adapter", "off")
+Method = Literal["inst_tune_no_rule", "inst_tune_rule", "rule_distill_base", "rule_distill_enhanced"]
+Finetune = Literal["lora", "full"]
+Precision = Literal["fp32", "bf16"]
+SaveModel = Literal["merged", "adapter", "off"]
+Template = Literal["alpaca", "chat"]
+Task = Literal["math", "jailbreak", "bob"]
+
+METHODS: tuple[str, ...] = get_args(Method)
+FINETUNE_MODES: tuple[str, ...] = get_args(Finetune)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+SAVE_MODEL: tuple[str, ...] = get_args(SaveModel)
+
+N = TypeVar("N")
+
+MODEL, METHOD, LOSS, SCHEDULE, VALID, TEACHER, SYSTEM, RUN = (
+    "model and data", "method", "loss", "batches and schedule", "model selection",
+    "teacher pass", "precision and DeepSpeed", "run folder and checkpoints")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The weights of the loss terms, handed to the module as one object: distillation is
+    ``KL·T² + β·hidden MSE + α·CE``; instruction tuning is the CE alone."""
+
+    temperature: float = 1.0
+    """Distillation temperature T; the KL term is multiplied by T²."""
+    beta: float = 10.0
+    """Weight of the normalised hidden-state MSE."""
+    alpha: float = 0.0
+    """Weight of the hard-label CE added to distillation."""
+
+    def total(self, terms: Mapping[str, N], distill: bool) -> N:
+        """The loss from its terms (``kl``, ``hidden_mse``, ``ce``; absent ones count 0) — the one
+        place the total is defined, for tensors in the forward pass and floats in the metrics."""
+        if not distill:
+            return terms["ce"]
+        total = terms["kl"] + self.beta * terms["hidden_mse"]
+        if self.alpha > 0 and "ce" in terms:
+            total = total + self.alpha * terms["ce"]
+        return total
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run depends on (command-line flags have the same names)."""
 
-    model: str = "smollm2-135m"
-    """Preset (``tiny``, ``smollm2-135m``) or path of a local Hugging Face model folder."""
-    task: str = "math"
-    """Packaged task: math (a @@@ b = a+b+1), jailbreak or bob (sentiment); ignored with ``data``."""
-    shots: int = 8
+    # ---- model and data --------------------------------------------------------------------------
+    model: str = option("smollm2-135m", MODEL)
+    """Preset (tiny, smollm2-135m) or the path of a local Hugging Face model folder."""
+    task: Task = option("math", MODEL)
+    """Packaged task: math (a @@@ b = a+b+1; alias arithmetic), jailbreak or bob (sentiment; alias
+    sentiment); ignored with ``data``."""
+    shots: int = option(8, MODEL)
     """k of the packaged k-shot training split."""
-    data: str | None = None
-    """A user's JSON/JSONL file of {rule, input, output[, context]} rows instead of a task."""
-    rule_text: str = ""
-    """Replace every row's rule with this text; "canonical" = the task's single wording (bob: the
-    "When the inputs…" text, see rdcore.data.canonical_rule). Empty: the rules as in the files."""
-    method: str = "rule_distill_enhanced"
-    """inst_tune_no_rule | inst_tune_rule (CE without/with the rule) | rule_distill_base (teacher:
-    the starting model with the rule in context) | rule_distill_enhanced (stage 1: inst_tune_rule on
-    the same examples trains the teacher adapter; stage 2: distillation from it, LoRA only)."""
-    finetune: str = "lora"
-    """lora: one frozen base, the student trains its adapter, the teacher is the base with a frozen
-    teacher adapter (Enhanced) or with adapters disabled (Base). full: every weight trains and the
-    teacher is the live model (self-distillation). Both share one copy of the weights."""
-    lora_r: int = 16
-    """LoRA rank (the paper: 16)."""
-    lora_alpha: int = 16
-    """LoRA alpha (the paper: 16)."""
-    lora_dropout: float = 0.05
-    """LoRA dropout (the paper: 0.05); adapters go on q, k, v, o projections."""
-    stage1_epochs: int = 0
-    """Epochs of Rule-Distill-Enhanced's stage 1 (0: the same as ``epochs``)."""
-    template: str = "alpaca"
+    data: str | None = option(None, MODEL)
+    """A JSON/JSONL file of {rule, input, output[, context]} rows instead of a packaged task."""
+    rule_text: str = option("", MODEL)
+    """Replace every row's rule with this text ("canonical": the task's single wording, see
+    rdcore.data.canonical_rule; empty: the rules as in the files)."""
+    template: Template = option("alpaca", MODEL)
     """Prompt template: alpaca (the paper's) or chat (the tokenizer's chat template)."""
-    max_length: int = 1024
-    """Longest allowed sequence; longer examples are an error, never truncated."""
-    epochs: int = 1
+    max_length: int = option(1024, MODEL)
+    """Longest allowed sequence; a longer example is an error, never truncated."""
+
+    # ---- method ----------------------------------------------------------------------------------
+    method: Method = option("rule_distill_enhanced", METHOD)
+    """The paper's method: CE without/with the rule, distillation from the starting model, or from a
+    teacher tuned with the rule first. inst_tune_no_rule / inst_tune_rule: CE without / with the
+    rule; rule_distill_base: distillation from the starting model with the rule in context;
+    rule_distill_enhanced: stage 1 = inst_tune_rule on the same examples trains the teacher adapter,
+    stage 2 = distillation from it (LoRA only)."""
+    finetune: Finetune = option("lora", METHOD)
+    """What trains: lora (one frozen base, the student trains its adapter; the teacher is the base
+    with a frozen teacher adapter or with adapters disabled) or full (every weight; the teacher is the
+    live model). Both share one copy of the weights."""
+    lora_r: int = option(16, METHOD)
+    """LoRA rank (the paper: 16)."""
+    lora_alpha: int = option(16, METHOD)
+    """LoRA alpha (the paper: 16)."""
+    lora_dropout: float = option(0.05, METHOD)
+    """LoRA dropout (the paper: 0.05); adapters go on the attention projections."""
+    stage1_epochs: int = option(0, METHOD)
+    """Epochs of Rule-Distill-Enhanced's stage 1 (0: the same as ``epochs``)."""
+
+    # ---- loss ------------------------------------------------------------------------------------
+    temperature: float = option(1.0, LOSS)
+    """Distillation temperature T; the KL term is multiplied by T²."""
+    beta: float = option(10.0, LOSS)
+    """Weight of the normalised hidden-state MSE (the paper's default; its script uses 10000)."""
+    alpha: float = option(0.0, LOSS)
+    """Weight of the hard-label CE added to distillation (the paper: 0)."""
+
+    # ---- batches and schedule --------------------------------------------------------------------
+    epochs: int = option(1, SCHEDULE)
     """Passes over the training examples."""
-    max_steps: int = 0
+    max_steps: int = option(0, SCHEDULE)
     """Stop after this many optimizer steps (0: run all epochs)."""
-    select_best: bool = False
-    """The paper's model selection: after every epoch compute the mean token CE on the validation
-    file (``val_loss`` in metrics.jsonl) and export the epoch with the lowest one, not the last
-    (final/, and Enhanced's stage-1 teacher adapter). The CE is the student's, without the rule;
-    for inst_tune_rule (and Enhanced's stage 1) it is read with the rule, as that model is used."""
-    val_data: str | None = None
+    micro_batch_size: int = option(1, SCHEDULE, resumable=True)
+    """Examples per rank per forward pass (a resume may change it if the global batch stays)."""
+    grad_accum: int = option(1, SCHEDULE, resumable=True)
+    """Micro-batches accumulated per optimizer step (a resume may change it if the global batch
+    stays)."""
+    lr: float = option(1e-4, SCHEDULE)
+    """Peak learning rate (AdamW), cosine decay to 0 after ``warmup_steps``."""
+    warmup_steps: int = option(0, SCHEDULE)
+    """Linear warm-up steps."""
+    weight_decay: float = option(0.0, SCHEDULE)
+    """AdamW weight decay."""
+    seed: int = option(0, SCHEDULE)
+    """Seed for model init (tiny), data order and dropout."""
+
+    # ---- model selection -------------------------------------------------------------------------
+    select_best: bool = option(False, VALID)
+    """The paper's model selection: export the epoch with the lowest validation CE, not the last.
+    After every epoch the mean token CE on the validation file is computed (``val_loss`` in
+    metrics.jsonl) and the best epoch is exported (final/, and Enhanced's stage-1 teacher adapter).
+    The CE is the student's, without the rule; for inst_tune_rule (and Enhanced's stage 1) it is
+    read with the rule, as that model is used."""
+    val_data: str | None = option(None, VALID)
     """Validation file for ``select_best`` ({rule, input, output} rows like ``data``; needed with
     ``data``). Default with a packaged task: its ``valid`` split for ``shots`` and ``seed``."""
-    micro_batch_size: int = 1
-    """Examples per rank per forward pass."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step."""
-    lr: float = 1e-4
-    """Peak learning rate (AdamW), cosine decay to 0 after ``warmup_steps``."""
-    warmup_steps: int = 0
-    """Linear warm-up steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    temperature: float = 1.0
-    """Distillation temperature T; the KL term is multiplied by T²."""
-    beta: float = 10.0
-    """Weight of the normalised hidden-state MSE (the paper's default; its script uses 10000)."""
-    alpha: float = 0.0
-    """Weight of the hard-label CE added to distillation (the paper: 0)."""
-    prefix_cache: bool = True
-    """Teacher pass: compute the rule prefix's K/V once (per run with a frozen LoRA teacher, per
-    optimizer step with full fine-tuning) and read it with shared-prefix attention instead of
-    running the prefix for every row (see rdcore.prefix_attention). Off: the plain teacher pass."""
-    teacher_cache: bool = True
-    """With a frozen teacher (LoRA): keep the teacher's hidden states at the distilled tokens after
-    their first computation (shared by all ranks) and skip the teacher pass when a step's examples
-    are all cached (from the second epoch on). Not used with full fine-tuning (live teacher)."""
-    interleave: bool = True
-    """Run teacher and student through each decoder layer in turn (one ZeRO-3 parameter gather
-    serves both passes) instead of a whole teacher pass then a whole student pass. Llama-family
-    models only; other architectures use the sequential passes (logged)."""
-    teacher_cache_gb: float = 8.0
+
+    # ---- teacher pass ----------------------------------------------------------------------------
+    prefix_cache: bool = option(True, TEACHER, resumable=True)
+    """Compute the rule prefix's K/V once and read it with shared-prefix attention. Once per run
+    with a frozen LoRA teacher, once per optimizer step with full fine-tuning (see
+    rdcore.prefix_attention); off: the plain teacher pass."""
+    teacher_cache: bool = option(True, TEACHER, resumable=True)
+    """With a frozen teacher (LoRA), keep its outputs at the distilled tokens and skip its pass.
+    The hidden states are kept after their first computation (shared by all ranks) and a step's
+    teacher pass is skipped when all its examples are cached (from the second epoch on); not used
+    with full fine-tuning (live teacher)."""
+    teacher_cache_gb: float = option(8.0, TEACHER, resumable=True)
     """CPU memory cap of the teacher-target cache per rank (GiB); beyond it nothing more is cached."""
-    precision: str = "fp32"
+    interleave: bool = option(True, TEACHER, resumable=True)
+    """Run teacher and student through each decoder layer in turn, so one ZeRO-3 gather serves both.
+    Instead of a whole teacher pass then a whole student pass; models whose decoder is not a plain
+    stack of layers use the sequential passes (logged)."""
+
+    # ---- precision and DeepSpeed -----------------------------------------------------------------
+    precision: Precision = option("fp32", SYSTEM)
     """Parameter/compute precision: fp32 (CPU, exact tests) or bf16."""
-    seed: int = 0
-    """Seed for model init (tiny), data order and dropout."""
-    output_dir: str = "runs/default"
-    """Where config.json, metrics.jsonl, checkpoints and the final model go."""
-    ds_config: str = "ds_configs/zero3_cpu.json"
+    ds_config: str = option("ds_configs/zero3_cpu.json", SYSTEM)
     """DeepSpeed JSON config; batch sizes and optimizer settings are filled in from this config."""
-    save_every: int = 0
+
+    # ---- run folder and checkpoints --------------------------------------------------------------
+    output_dir: str = option("runs/default", RUN, resumable=True)
+    """Where config.json, metrics.jsonl, checkpoints and the final model go."""
+    resume: bool = option(False, RUN, resumable=True)
+    """Continue the run in output_dir from its last complete checkpoint, with the same flags. On
+    another number of ranks grad_accum/micro_batch_size may change so that the global batch stays
+    the same; the checkpoint is then converted to DeepSpeed's universal format."""
+    overwrite: bool = option(False, RUN, resumable=True)
+    """Delete an existing run in output_dir and start afresh."""
+    save_every: int = option(0, RUN, resumable=True)
     """Save a resumable checkpoint every this many optimizer steps (0: only at the end)."""
-    keep_checkpoints: int = 0
-    """Keep only this many newest complete checkpoints per stage, deleting older ones (and their
-    converted ``.universal`` copies) once a newer one is complete (0: keep all)."""
-    stop_at_step: int = 0
+    keep_checkpoints: int = option(0, RUN, resumable=True)
+    """Keep only this many newest complete checkpoints per stage (0: keep all). Older ones (and
+    their converted ``.universal`` copies) are deleted once a newer one is complete."""
+    stop_at_step: int = option(0, RUN, resumable=True)
     """Save a checkpoint and exit after this optimizer step (0: never); resume later with the same
     flags. For splitting a run across time-limited job allocations (and for testing resumption)."""
-    resume: bool = False
-    """Continue the run in output_dir from its last complete checkpoint (same flags; on another
-    number of ranks, grad_accum/micro_batch_size may change so that the global batch stays the
-    same, and the checkpoint is converted to DeepSpeed's universal format)."""
-    overwrite: bool = False
-    """Delete an existing run in output_dir and start afresh."""
-    tensorboard: bool = True
+    tensorboard: bool = option(True, RUN, resumable=True)
     """Write TensorBoard scalars to output_dir/tensorboard (needs the tensorboard package)."""
-    save_model: str = "merged"
-    """What output_dir/final holds at the end. merged: the model as a safetensors Hugging Face
-    folder (with LoRA the adapter too, in final/adapter). adapter (LoRA only): the adapter and
-    the tokenizer, not the model's weights -- a few MB instead of a copy of the model; loading
-    final/ (evaluation, --model) merges it into the base model in memory after checking that the
-    base model's files are unchanged. off: no final/ (on/off also accepted: on = merged)."""
+    save_model: SaveModel = option("merged", RUN, resumable=True)
+    """What output_dir/final holds at the end: merged, adapter or off. merged: the model as a
+    safetensors Hugging Face folder (with LoRA the adapter too, in final/adapter). adapter (LoRA
+    only): the adapter and the tokenizer, not the model's weights -- a few MB instead of a copy of
+    the model; loading final/ (evaluation, --model) merges it into the base model in memory after
+    checking that the base model's files are unchanged. off: no final/ (on/off also accepted: on =
+    merged)."""
 
     def __post_init__(self) -> None:
+        """Every check of the configuration, in one place (choices from the annotations)."""
+
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ConfigError(msg)
 
-        need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r} "
-             "(rule_distill_enhanced and LoRA land with the trainer issue)")
-        need(self.finetune in FINETUNE_MODES,
-             f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
         self.task = TASK_ALIASES.get(self.task, self.task)
-        need(self.data is not None or self.task in TASKS,
-             f"task must be one of {sorted(TASKS)}, got {self.task!r}")
+        # on/off and the booleans of configs written before save_model took "adapter"
+        given = self.save_model.lower() if isinstance(self.save_model, str) else self.save_model
+        self.save_model = {True: "merged", False: "off", "on": "merged", "true": "merged",
+                           "false": "off"}.get(given, given)
+        check_choices(self, skip=() if self.data is None else ("task",))  # data: task ignored
         if self.data is None:
             need(self.shots in TASKS[self.task].shots,
                  f"task {self.task!r} has k-shot splits {TASKS[self.task].shots}, not {self.shots}")
-        need(self.template in TEMPLATES, f"template must be one of {TEMPLATES}")
-        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}")
         if self.method == "rule_distill_enhanced":
             need(self.finetune == "lora",
                  "rule_distill_enhanced needs finetune=lora: with full fine-tuning the stage-1 teacher "
                  "and the restarted student would need two copies of the weights")
         need(not (self.resume and self.overwrite), "resume and overwrite exclude each other")
-        # on/off and the booleans of configs written before save_model took "adapter"
-        given = self.save_model.lower() if isinstance(self.save_model, str) else self.save_model
-        self.save_model = {True: "merged", False: "off", "on": "merged", "true": "merged",
-                           "false": "off"}.get(given, given)
-        need(self.save_model in SAVE_MODEL, f"save_model must be one of {SAVE_MODEL}, got "
-             f"{self.save_model!r}")
         need(self.save_model != "adapter" or self.finetune == "lora",
              "save_model=adapter needs finetune=lora (full fine-tuning has no adapter)")
         if self.select_best and self.val_data is None:
@@ -173,11 +226,9 @@ class TrainConfig:
                      "lora_alpha"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "save_every", "keep_checkpoints", "stop_at_step",
-                     "beta", "alpha",
-                     "weight_decay", "stage1_epochs"):
+                     "beta", "alpha", "weight_decay", "stage1_epochs", "teacher_cache_gb"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.teacher_cache_gb >= 0, f"teacher_cache_gb must be >= 0, got {self.teacher_cache_gb}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         ds_path = Path(self.ds_config)
         repo_copy = Path(__file__).resolve().parent.parent / ds_path
@@ -188,6 +239,11 @@ class TrainConfig:
     @property
     def distill(self) -> bool:
         return self.method.startswith("rule_distill")
+
+    @property
+    def loss(self) -> LossWeights:
+        """The loss weights as the module takes them."""
+        return LossWeights(temperature=self.temperature, beta=self.beta, alpha=self.alpha)
 
     @property
     def torch_dtype(self) -> Any:
@@ -208,6 +264,12 @@ class TrainConfig:
         micro_batch_size``. The data order, the loss normalisation and the schedule depend on it."""
         return world * self.grad_accum * self.micro_batch_size
 
+    @classmethod
+    def resumable_fields(cls) -> set[str]:
+        """Fields that may differ between a run and its resumption (``grad_accum`` and
+        ``micro_batch_size`` only as long as the global batch stays the same)."""
+        return {f.name for f in dataclasses.fields(cls) if f.metadata.get("resumable")}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -215,87 +277,12 @@ class TrainConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def _parse_bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (on/off), got {text!r}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser with one ``--flag`` per :class:`TrainConfig` field, plus ``--config``."""
-    parser = argparse.ArgumentParser(
-        prog="rdcore/train.py",
-        description="rdcore: rule distillation under DeepSpeed ZeRO-3. "
-        "Run with: deepspeed --num_accelerators 2 rdcore/train.py [--config FILE] [flags]. "
-        "Flags override the config file, which overrides the defaults.")
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    parser.add_argument("--config", default=None,
-                        help="JSON or YAML file of {field: value} (fields as the flags below)")
-    hints = typing.get_type_hints(TrainConfig)
-    docs = _field_docs()
-    for f in dataclasses.fields(TrainConfig):
-        kind = hints[f.name]
-        arg_type: Any
-        if kind is bool:
-            arg_type = _parse_bool
-        elif kind in (int, float):
-            arg_type = kind
-        else:
-            arg_type = str
-        parser.add_argument(f"--{f.name}", type=arg_type, default=argparse.SUPPRESS,
-                            help=f"{docs.get(f.name, '')} (default: {f.default})")
-    return parser
-
-
-def _field_docs() -> dict[str, str]:
-    """The docstring under each field of TrainConfig (for --help)."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(TrainConfig))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in itertools.pairwise(body):
-        if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(nxt.value.value.split()).replace("%", "%%")
-    return docs
-
-
-def load_config_file(path: str) -> dict[str, Any]:
-    """Read a JSON or YAML config file; unknown fields are an error."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {path!r} does not exist")
-    text = p.read_text()
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as err:  # json/yaml parse errors
-        raise ConfigError(f"{path}: cannot parse ({err})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of field names to values")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown field(s) {unknown}")
-    return data
+PROG = "rdcore/train.py"
+DESCRIPTION = ("rdcore: rule distillation under DeepSpeed ZeRO-3.\n"
+               "Run with: deepspeed --num_accelerators 2 rdcore/train.py [--config FILE] [flags].\n"
+               "Flags override the config file, which overrides the defaults; booleans take on/off.")
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    args = vars(build_parser().parse_args(argv))
-    args.pop("local_rank", None)
-    file = args.pop("config", None)
-    values = load_config_file(file) if file else {}
-    values.update(args)
-    try:
-        return TrainConfig(**values)
-    except TypeError as err:
-        raise ConfigError(str(err)) from None
+    """The :class:`TrainConfig` of a command line (defaults < ``--config`` file < flags)."""
+    return parse_config(TrainConfig, argv, prog=PROG, description=DESCRIPTION, config_file=True)

@@ -20,8 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script: its folder must not shadow installed modules
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
 
 from rdcore import ConfigError, RdcoreError
 from rdcore.config import TrainConfig
@@ -32,7 +32,8 @@ def consolidate(run_dir: Path, out: Path, stage: str = "") -> Path:
     """Write ``out`` from the newest complete checkpoint of ``stage`` (default: the last stage
     that has checkpoints) in ``run_dir``; returns the checkpoint folder used."""
     from rdcore import engine as eng
-    from rdcore.distill import STUDENT, add_lora, causal_lm, lora_config
+    from rdcore.architecture import causal_lm
+    from rdcore.distill import STUDENT, add_lora, lora_config
     from rdcore.models import load_model
 
     saved = run_dir / "config.json"
@@ -60,7 +61,8 @@ def consolidate(run_dir: Path, out: Path, stage: str = "") -> Path:
             from safetensors.torch import load_file
 
             adapter = load_file(str(ckpt_dir / tag / "adapter.safetensors"))
-            peft = add_lora(model, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
+            peft = add_lora(model, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                                               model=model))
             set_peft_model_state_dict(peft, adapter, adapter_name=STUDENT)
             peft.save_pretrained(tmp / "adapter", selected_adapters=[STUDENT])
             ready = peft.merge_and_unload()

@@ -151,10 +151,26 @@ class RuleExample:
 
 
 def _read_rows(path: Path) -> list[Any]:
+    """The rows of a ``.json`` list or a ``.jsonl`` file (UTF-8, a byte-order mark allowed, blank
+    lines skipped). Any failure to read or parse it is a :class:`DataError` naming the file (and
+    the line); a file without rows is one too."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text (byte {err.start}: "
+                        f"{raw[err.start:err.start + 1]!r}); save the file as UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty: it holds no examples")
     if path.suffix == ".jsonl":
         rows = []
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -164,14 +180,21 @@ def _read_rows(path: Path) -> list[Any]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}: line {lineno}: malformed JSON ({err.msg})") from None
-        return rows
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno} "
-                        f"({err.msg})") from None
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+            except RecursionError:
+                raise DataError(f"{path}: line {lineno}: JSON nested too deeply") from None
+    else:
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            hint = " (a .jsonl file? name it so)" if path.suffix != ".json" else ""
+            raise DataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno} "
+                            f"({err.msg}){hint}") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+    if not rows:
+        raise DataError(f"{path}: the file holds no examples")
     return rows
 
 
@@ -512,27 +535,91 @@ def _pad(seqs: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, t
     return ids_BT, mask_BT, offsets
 
 
+@dataclass
+class SideInputs:
+    """One side's padded sequences: ``input_ids``, ``attention_mask``, ``position_ids`` [B, T] and
+    ``distill_index`` [N] (flat indices into B·T of the positions that predict response tokens)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    distill_index: torch.Tensor
+
+
+@dataclass
+class Batch:
+    """Everything one forward pass needs, as :func:`collate` builds it (on the CPU; ``.to(device)``
+    moves every tensor). B examples, T_t/T_s/S the padded teacher/student/teacher-suffix lengths,
+    N the response tokens of the batch (the distilled rows), in example order."""
+
+    teacher_input_ids: torch.Tensor
+    """[B, T_t] the teacher sequences (template + rule + context + input + response)."""
+    teacher_attention_mask: torch.Tensor
+    teacher_position_ids: torch.Tensor
+    """[B, T_t], 0 at each row's first real token (so left padding is handled)."""
+    teacher_distill_index: torch.Tensor
+    """[N] flat indices into B·T_t of the positions that predict the response tokens."""
+    student_input_ids: torch.Tensor
+    """[B, T_s] the student sequences (without the rule)."""
+    student_attention_mask: torch.Tensor
+    student_position_ids: torch.Tensor
+    student_distill_index: torch.Tensor
+    """[N] as ``teacher_distill_index``; row n of one side matches row n of the other."""
+    student_labels: torch.Tensor
+    """[B, T_s] the response tokens at their own positions, ``ignore_index`` elsewhere."""
+    target_ids: torch.Tensor
+    """[N] the response tokens the distilled rows predict."""
+    example_ids: list[int]
+    """Each row's index in its data set (the teacher-target cache's key): bookkeeping on the host,
+    never moved to a device (reading it costs no synchronisation)."""
+    rows_per_example: list[int]
+    """Distilled rows per example (its response length), on the host like ``example_ids``."""
+    row_weight: torch.Tensor
+    """[N] fp32 weight of each distilled row (its example's: 1, or 0 for a fill-up repeat)."""
+    teacher_suffix_input_ids: torch.Tensor | None = None
+    """[B, S] the teacher sequences without the shared rule prefix (``prefix_len`` > 0)."""
+    teacher_suffix_attention_mask: torch.Tensor | None = None
+    teacher_suffix_position_ids: torch.Tensor | None = None
+    """[B, S], the prefix length P at the first suffix token."""
+    teacher_suffix_distill_index: torch.Tensor | None = None
+    """[N] flat indices into B·S, same row order."""
+
+    def side(self, name: str) -> SideInputs:
+        """``teacher``, ``student`` or ``teacher_suffix`` inputs."""
+        if name not in ("teacher", "student", "teacher_suffix"):
+            raise ValueError(f"no side {name!r}")
+        return SideInputs(*(getattr(self, f"{name}_{k}") for k in
+                            ("input_ids", "attention_mask", "position_ids", "distill_index")))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The same batch with every tensor on ``device``."""
+        return dataclasses.replace(self, **{
+            name: t.to(device, non_blocking=non_blocking) for name, t in self.tensors().items()})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the batch by field name (the host-side lists are not tensors)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
+
+
 def collate(batch: Sequence[EncodedExample], pad_id: int, padding_side: str = "right",
-            ignore_index: int = -100, prefix_len: int = 0) -> dict[str, torch.Tensor]:
-    """Pad a batch and index the distilled positions.
+            ignore_index: int = -100, prefix_len: int = 0, example_ids: Sequence[int] | None = None,
+            weights: Sequence[float] | None = None) -> Batch:
+    """Pad a batch and index the distilled positions (see :class:`Batch`).
 
-    Returns, with B = batch size, T_t/T_s the padded lengths and N = total response tokens:
-    ``{teacher,student}_input_ids`` [B, T], ``…_attention_mask`` [B, T], ``…_position_ids`` [B, T]
-    (0 at the first real token, so left padding is handled), ``student_labels`` [B, T_s] (the
-    response tokens at their own positions, ``ignore_index`` elsewhere: shift them for CE),
-    ``{teacher,student}_distill_index`` [N] flat indices into B·T of the positions that predict the
-    response tokens (same order on both sides: row ``n`` of one matches row ``n`` of the other), and
-    ``target_ids`` [N], the response tokens they predict.
-
-    With ``prefix_len`` P > 0 (the shared rule prefix, see :attr:`EncodedDataset.rule_prefix_len`)
-    also the teacher sequences without it, for the rule-prefix cache: ``teacher_suffix_input_ids``,
-    ``…_attention_mask``, ``…_position_ids`` (P at the first suffix token) [B, S] and
-    ``teacher_suffix_distill_index`` [N] (flat indices into B·S, same row order).
+    ``example_ids``: each example's index in its data set (default 0 … B−1); ``weights``: each
+    example's weight (default 1), repeated over its distilled rows. With ``prefix_len`` P > 0 (the
+    shared rule prefix, see :attr:`EncodedDataset.rule_prefix_len`) also the teacher sequences
+    without it, for the rule-prefix cache.
     """
     if padding_side not in ("left", "right"):
         raise DataError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if not batch:
         raise DataError("empty batch")
+    ids = list(range(len(batch))) if example_ids is None else list(example_ids)
+    ws = [1.0] * len(batch) if weights is None else [float(w) for w in weights]
+    if len(ids) != len(batch) or len(ws) != len(batch):
+        raise DataError(f"{len(batch)} examples but {len(ids)} ids and {len(ws)} weights")
     out: dict[str, torch.Tensor] = {}
     for side in ("teacher", "student"):
         seqs = [e.teacher_ids if side == "teacher" else e.student_ids for e in batch]
@@ -551,6 +638,10 @@ def collate(batch: Sequence[EncodedExample], pad_id: int, padding_side: str = "r
                 labels[b, s: s + e.response_len] = ids_BT[b, s: s + e.response_len]
             out["student_labels"] = labels
     out["target_ids"] = torch.tensor([t for e in batch for t in e.response_ids], dtype=torch.long)
+    out["example_ids"] = ids
+    out["rows_per_example"] = [e.response_len for e in batch]
+    out["row_weight"] = torch.cat([torch.full((e.response_len,), w, dtype=torch.float32)
+                                   for e, w in zip(batch, ws)])
     if prefix_len > 0:
         head = batch[0].teacher_ids[:prefix_len]
         if any(e.teacher_ids[:prefix_len] != head or prefix_len >= e.teacher_response_start
@@ -565,4 +656,4 @@ def collate(batch: Sequence[EncodedExample], pad_id: int, padding_side: str = "r
         out["teacher_suffix_distill_index"] = torch.tensor(
             [b * S + offsets[b] + p - prefix_len for b, e in enumerate(batch)
              for p in e.distill_positions("teacher")], dtype=torch.long)
-    return out
+    return Batch(**out)

@@ -1,16 +1,24 @@
 """One model, two roles: the teacher and student passes of a shared-weight model, and the loss.
 
 :class:`RuleDistillModule` wraps a Hugging Face causal LM (optionally with PEFT LoRA adapters). Its
-``forward`` runs, inside *one* top-level call — so DeepSpeed's ZeRO-3 module hooks see one forward per
-step and its parameter-prefetch trace stays valid —
+``forward(batch, scale)`` runs, inside *one* top-level call — so DeepSpeed's ZeRO-3 module hooks see
+one forward per step and its parameter-prefetch trace stays valid —
 
-1. the teacher pass (rule in context) under ``no_grad`` and in eval mode (no dropout), through the
-   inner decoder module: with the frozen teacher adapter (LoRA, Rule-Distill-Enhanced), with the
-   adapters disabled (LoRA, Rule-Distill-Base) or with the live weights (full fine-tuning);
+1. the teacher pass (rule in context) under ``no_grad`` and in eval mode (no dropout): with the
+   frozen teacher adapter (LoRA, Rule-Distill-Enhanced), with the adapters disabled (LoRA,
+   Rule-Distill-Base) or with the live weights (full fine-tuning) — or its outputs from the
+   :class:`TeacherTargets` cache;
 2. the student pass (no rule) with gradients;
 3. the loss on the distilled rows only — hidden states gathered at the positions that predict response
-   tokens: ``KL·T²`` by the fused lm_head+KL kernel (:func:`kernels.fused_linear_kl`, never [N, V]
-   logits) ``+ β·`` normalised hidden MSE (:func:`kernels.normalized_hidden_mse`) ``+ α·`` CE.
+   tokens: ``KL·T²`` by the fused lm_head+KL kernel (:func:`rdcore.kernels.fused_linear_kl`, never
+   [N, V] logits, with the model's own logit transform) ``+ β·`` normalised hidden MSE
+   (:func:`rdcore.kernels.normalized_hidden_mse`) ``+ α·`` CE; the total is
+   :meth:`rdcore.config.LossWeights.total`.
+
+The module is steered only through its arguments and methods: ``forward(batch, scale, ce_side=…)``
+(``ce_side``: the CE of one side's sequences, for validation) and :meth:`after_optimizer_step`
+(a live teacher's rule-prefix K/V is stale after an update). What the teacher did is in
+:attr:`RuleDistillModule.work`.
 
 ZeRO-3: the fused kernel needs the whole lm_head weight in forward and its gradient must reach the
 partitioned parameter. :class:`FusedKLHead` registers *the same* ``Parameter`` as its own, so
@@ -20,34 +28,48 @@ ZeRO-3's module hooks gather it for the kernel's forward and backward like any m
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from kernels import fused_linear_kl, normalized_hidden_mse
 from rdcore import ConfigError
-from rdcore.losses import ce_rows
-from rdcore.prefix_attention import (
-    PrefixKV,
-    active,
-    finish,
-    install,
-    suffix_rows,
-    teacher_inputs,
+from rdcore.architecture import (
+    causal_lm,
+    decoder,
+    decoder_layers,
+    final_norm,
+    logit_spec,
+    lora_targets,
+    model_name,
 )
+from rdcore.config import LossWeights
+from rdcore.data import Batch
+from rdcore.kernels import fused_linear_kl, normalized_hidden_mse
+from rdcore.prefix_attention import PrefixKV, active, finish, install, suffix_rows, teacher_inputs
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+log = logging.getLogger(__name__)
+
 STUDENT, TEACHER = "student", "teacher"
+TEACHER_MODES = ("live", "disabled", "teacher")
 
 
 # --------------------------------------------------------------------------------------------------
 # Building the model (full or LoRA)
 # --------------------------------------------------------------------------------------------------
-def lora_config(r: int, alpha: int, dropout: float, targets: tuple[str, ...] = LORA_TARGETS) -> Any:
+def lora_config(r: int, alpha: int, dropout: float, targets: tuple[str, ...] | None = None,
+                model: nn.Module | None = None) -> Any:
+    """PEFT LoRA config on ``targets`` (default: the attention projections found in ``model``, see
+    :func:`rdcore.architecture.lora_targets`; the classic q, k, v, o names without a model)."""
     from peft import LoraConfig
 
+    if targets is None:
+        targets = lora_targets(model) if model is not None else (
+            "q_proj", "k_proj", "v_proj", "o_proj")
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                       bias="none", task_type="CAUSAL_LM")
 
@@ -132,48 +154,66 @@ def teacher_view(part: nn.Module, mode: str) -> Iterator[None]:
         yield
 
 
-def causal_lm(model: nn.Module) -> nn.Module:
-    """The underlying ``…ForCausalLM`` of a plain or PEFT-wrapped model."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 # --------------------------------------------------------------------------------------------------
-# The module DeepSpeed wraps
+# The loss head and the teacher-target cache
 # --------------------------------------------------------------------------------------------------
 class FusedKLHead(nn.Module):
-    """The lm_head weight registered as this module's own parameter (the same ``Parameter`` object,
-    not a copy), so ZeRO-3 gathers it around the fused kernel in forward and backward."""
+    """The lm_head weight (and bias) registered as this module's own parameters (the same
+    ``Parameter`` objects, not copies), so ZeRO-3 gathers them around the fused kernel in forward
+    and backward. ``spec``: the model's logit transform (softcap, scale)."""
 
-    def __init__(self, lm_head: nn.Linear):
+    def __init__(self, lm_head: nn.Linear, scale: float = 1.0, softcap: float | None = None):
         super().__init__()
-        if getattr(lm_head, "bias", None) is not None:
-            raise ConfigError("lm_head with a bias is not supported by the fused KL kernel")
         self.weight = lm_head.weight
+        self.bias = lm_head.bias
+        self.scale, self.softcap = scale, softcap
 
     def forward(self, student_NH: torch.Tensor, teacher_NH: torch.Tensor, mask_N: torch.Tensor,
                 temperature: float) -> torch.Tensor:
-        """Σ over masked rows of T²·KL(teacher ‖ student), teacher logits from the same weight."""
-        return fused_linear_kl(student_NH, teacher_NH, self.weight, mask=mask_N,
-                               temperature=temperature, reduction="sum")
+        """Σ over masked rows of T²·KL(teacher ‖ student), teacher logits from the same head."""
+        return fused_linear_kl(student_NH, teacher_NH, self.weight, bias=self.bias, mask=mask_N,
+                               temperature=temperature, logit_scale=self.scale,
+                               softcap=self.softcap, reduction="sum")
 
 
 def _rows(h_BTH: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
     return h_BTH.reshape(-1, h_BTH.shape[-1]).index_select(0, index_N)
 
 
+def _local_any(flag: bool) -> bool:
+    return flag
+
+
+def _local_gather(ids: list[int], rows: list[int], states_LNH: torch.Tensor
+                  ) -> list[tuple[list[int], list[int], torch.Tensor]]:
+    return [(ids, rows, states_LNH)]
+
+
 class TeacherTargets:
     """The frozen teacher's outputs at the distilled rows, per example: ``[L + 1, n_i, H]`` (the L
     matched hidden states, then the last hidden state, from which the fused kernel recomputes the
-    teacher logits). Held in CPU memory up to ``max_bytes``; beyond it nothing more is added."""
+    teacher logits). Held in CPU memory up to ``max_bytes``; beyond it nothing more is added.
 
-    def __init__(self, max_bytes: int):
+    Shared by all ranks through the two communication functions it is handed (the trainer's
+    ``engine.any_rank`` and ``engine.all_gather_rows``; by default a single process): a batch is
+    taken from the cache only if *every* rank can take its own (ZeRO-3 needs all ranks to run the
+    same passes), and what one rank computes is added on all."""
+
+    def __init__(self, max_bytes: int, any_rank: Callable[[bool], bool] = _local_any,
+                 all_gather: Callable[..., list[tuple[list[int], list[int], torch.Tensor]]]
+                 = _local_gather):
         self.max_bytes = max_bytes
         self.store: dict[int, torch.Tensor] = {}
         self.nbytes = 0
         self.full = False
+        self._any_rank, self._all_gather = any_rank, all_gather
 
     def has_all(self, ids: list[int]) -> bool:
         return all(i in self.store for i in ids)
+
+    def ready(self, ids: list[int]) -> bool:
+        """Every rank holds its batch's examples (a collective: call on every rank)."""
+        return not self._any_rank(not self.has_all(ids))
 
     def get(self, ids: list[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         return torch.cat([self.store[i] for i in ids], dim=1).to(device=device, dtype=dtype)
@@ -190,7 +230,31 @@ class TeacherTargets:
             self.store[i] = part.detach().to("cpu", copy=True)
             self.nbytes += size
 
+    def add(self, ids: list[int], rows: list[int], states_LNH: torch.Tensor) -> None:
+        """This rank's computed examples, shared with (and from) every rank (a collective)."""
+        for shared in self._all_gather(ids, rows, states_LNH):
+            self.put(*shared)
 
+
+@dataclass
+class TeacherWork:
+    """What the teacher has done so far (this rank)."""
+
+    passes: int = 0
+    """Teacher passes run."""
+    cached: int = 0
+    """Batches whose teacher outputs came from the teacher-target cache."""
+    tokens: int = 0
+    """Token positions the teacher ran (padding included)."""
+    prefix_builds: int = 0
+    """Rule-prefix K/V computations."""
+    seconds: float = 0.0
+    """Wall time of the teacher passes (only with ``time_teacher``; sequential passes only)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The module DeepSpeed wraps
+# --------------------------------------------------------------------------------------------------
 class RuleDistillModule(nn.Module):
     """Teacher/student passes and the loss for one micro-batch.
 
@@ -198,218 +262,319 @@ class RuleDistillModule(nn.Module):
     distillation (``rule_distill_base`` / ``rule_distill_enhanced``): KL·T² + β·hidden MSE + α·CE.
     ``teacher_mode``: "live" (full fine-tuning: the teacher is the current model), "disabled" (LoRA,
     Base: the model without adapters) or "teacher" (LoRA, Enhanced: the frozen stage-1 adapter).
+    ``loss``: the loss weights and temperature. ``rule_prefix_ids``: the shared rule prefix whose
+    K/V the teacher computes once (distillation only); ``targets``: a teacher-target cache (a frozen
+    teacher only); ``interleave``: teacher and student through each decoder layer in turn (used only
+    if it reproduces the sequential passes on this model, see :func:`interleaves_exactly`);
+    ``time_teacher``: record the teacher passes' wall time in :attr:`work` (synchronises CUDA).
     """
 
-    def __init__(self, model: nn.Module, method: str, teacher_mode: str = "live",
-                 temperature: float = 1.0, beta: float = 10.0, alpha: float = 0.0,
-                 rule_prefix_ids: list[int] | None = None, teacher_cache_bytes: int = 0,
-                 interleave: bool = False):
+    def __init__(self, model: nn.Module, method: str, teacher_mode: str = "live", *,
+                 loss: LossWeights | None = None, rule_prefix_ids: list[int] | None = None,
+                 targets: TeacherTargets | None = None, interleave: bool = False,
+                 time_teacher: bool = False):
         super().__init__()
+        if teacher_mode not in TEACHER_MODES:
+            raise ConfigError(f"teacher_mode must be one of {TEACHER_MODES}, got {teacher_mode!r}")
         self.model = model
         self.method = method
+        self.distill = method.startswith("rule_distill")
         self.teacher_mode = teacher_mode
-        self.temperature = temperature
-        self.beta = beta
-        self.alpha = alpha
-        self.kl_head = FusedKLHead(causal_lm(model).lm_head)
-        self.interleave = interleave and method.startswith("rule_distill")
-        if self.interleave:
-            check_interleavable(model)
+        self.loss = loss or LossWeights()
+        spec = logit_spec(model)
+        self.kl_head = FusedKLHead(causal_lm(model).get_output_embeddings(), spec.scale,
+                                   spec.softcap)
+        self.time_teacher = time_teacher
+        self.work = TeacherWork()
         # Rule-prefix K/V cache (distillation only). Valid for the whole run when the teacher is
-        # frozen; the trainer invalidates it after every optimizer step when it is the live model.
+        # frozen; rebuilt after every optimizer step when it is the live model.
         self.prefix: PrefixKV | None = None
-        if rule_prefix_ids and method.startswith("rule_distill"):
+        if rule_prefix_ids and self.distill:
             install(model)
             self.register_buffer("prefix_ids", torch.tensor(rule_prefix_ids, dtype=torch.long),
                                  persistent=False)
             self.prefix = PrefixKV(len(rule_prefix_ids))
-        # Teacher-target cache: only for a frozen teacher (its outputs never change).
-        self.targets: TeacherTargets | None = None
-        if teacher_cache_bytes > 0 and method.startswith("rule_distill"):
-            if teacher_mode == "live":
-                raise ConfigError("the teacher-target cache needs a frozen teacher (LoRA); with full "
-                                  "fine-tuning the teacher is the live model")
-            self.targets = TeacherTargets(teacher_cache_bytes)
-        self.teacher_from_cache = False
-        """Set by the trainer (the same on every rank): take this batch's teacher from the cache."""
-        self.last_targets: tuple[list[int], list[int], torch.Tensor] | None = None
-        """(example ids, rows per example, [L+1, N, H]) of the last computed teacher pass."""
-        self.ce_side: str | None = None
-        """Set by the trainer for validation: ``forward`` returns the CE on this side's sequence
-        (``student``: without the rule, ``teacher``: with it) whatever the method."""
-        self.counters = {"teacher_passes": 0, "teacher_cached": 0, "teacher_tokens": 0,
-                         "prefix_builds": 0}
-        """Work done by the teacher: passes run / taken from the cache, token positions it ran
-        (padding included), rule-prefix K/V computations."""
+        if targets is not None and teacher_mode == "live":
+            raise ConfigError("the teacher-target cache needs a frozen teacher (LoRA); with full "
+                              "fine-tuning the teacher is the live model")
+        self.targets = targets if self.distill else None
+        self.interleave = bool(interleave and self.distill)
+        if self.interleave and not interleaves_exactly(model, teacher_mode):
+            log.warning("%s: the layer-interleaved passes do not reproduce this model's decoder; "
+                        "using sequential teacher and student passes", model_name(model))
+            self.interleave = False
 
-    def _decoder(self, batch: dict[str, torch.Tensor], side: str, hidden: bool) -> Any:
-        return causal_lm(self.model).model(
-            input_ids=batch[f"{side}_input_ids"], attention_mask=batch[f"{side}_attention_mask"],
-            position_ids=batch[f"{side}_position_ids"], output_hidden_states=hidden, use_cache=False)
+    # ---- the interface -------------------------------------------------------------------------
+    def forward(self, batch: Batch, scale: float, ce_side: str | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return ``(loss, stats)``: ``loss = scale · Σ_n w_n · ℓ_n`` (w_n: ``batch.row_weight``)
+        and the weighted sums of each term (detached). ``scale`` carries the global-batch
+        normalisation. ``ce_side`` (``student``/``teacher``): the CE of that side's sequences
+        whatever the method (validation)."""
+        if ce_side is not None or not self.distill:
+            side = ce_side or ("teacher" if self.method == "inst_tune_rule" else "student")
+            h_NH = _rows(self._decoder(batch, side).last_hidden_state,
+                         batch.side(side).distill_index)
+            ce = self._ce(h_NH, batch.target_ids, batch.row_weight)
+            return ce * scale, {"ce": ce.detach()}
+        t_states, t_last, s_states, s_last = self._passes(batch)
+        mask_N = batch.row_weight > 0
+        terms = {"kl": self.kl_head(s_last, t_last, mask_N, self.loss.temperature),
+                 "hidden_mse": normalized_hidden_mse(s_states, t_states, mask=mask_N) * mask_N.sum()}
+        if self.loss.alpha > 0:
+            terms["ce"] = self._ce(s_last, batch.target_ids, batch.row_weight)
+        return self.loss.total(terms, distill=True) * scale, {k: v.detach() for k, v in terms.items()}
+
+    def after_optimizer_step(self) -> None:
+        """The weights changed: a live teacher's rule-prefix K/V must be computed again."""
+        if self.prefix is not None and self.teacher_mode == "live":
+            self.prefix.invalidate()
+
+    def total_loss(self, terms: dict[str, float]) -> float:
+        """The loss of this method from its terms (see :meth:`LossWeights.total`)."""
+        return self.loss.total(terms, distill=self.distill)
+
+    # ---- pieces --------------------------------------------------------------------------------
+    def _decoder(self, batch: Batch, side: str, hidden: bool = False) -> Any:
+        inputs = batch.side(side)
+        return decoder(self.model)(
+            input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+            position_ids=inputs.position_ids, output_hidden_states=hidden, use_cache=False)
 
     def _ce(self, h_NH: torch.Tensor, targets_N: torch.Tensor, row_w_N: torch.Tensor) -> torch.Tensor:
-        logits_NV = causal_lm(self.model).lm_head(h_NH)  # [N, V] for the distilled rows only
-        return (ce_rows(logits_NV, targets_N) * row_w_N).sum()
+        """Σ_n w_n CE_n from the model's own logits at the distilled rows only ([N, V])."""
+        spec = logit_spec(self.model)
+        logits_NV = causal_lm(self.model).get_output_embeddings()(h_NH).float()
+        if spec.scale != 1.0:
+            logits_NV = logits_NV * spec.scale
+        if spec.softcap is not None:
+            logits_NV = torch.tanh(logits_NV / spec.softcap) * spec.softcap
+        ce_N = nn.functional.cross_entropy(logits_NV, targets_N, reduction="none")
+        return (ce_N * row_w_N).sum()
 
-    def forward(self, batch: dict[str, torch.Tensor], row_weight_N: torch.Tensor,
-                scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return ``(loss, stats)``: ``loss = scale · Σ_n w_n · ℓ_n`` (w_n ∈ {0, 1}) and the weighted
-        sums of each term (detached). ``scale`` carries the global-batch normalisation."""
-        stats: dict[str, torch.Tensor] = {}
-        if self.ce_side is not None or not self.method.startswith("rule_distill"):
-            side = self.ce_side or ("teacher" if self.method == "inst_tune_rule" else "student")
-            out = self._decoder(batch, side, hidden=False)
-            ce = self._ce(_rows(out.last_hidden_state, batch[f"{side}_distill_index"]),
-                          batch["target_ids"], row_weight_N)
-            stats["ce"] = ce.detach()
-            return ce * scale, stats
-
-        s_idx = batch["student_distill_index"]
-        if self.interleave and not self.teacher_from_cache:
-            t_states, t_last, s_hidden, s_last_BTH = self._interleaved(batch)
+    def _passes(self, batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor,
+                                             list[torch.Tensor], torch.Tensor]:
+        """Teacher (matched states, last state) and student (matched states, last state) at the
+        distilled rows; the teacher from the cache, interleaved with the student, or on its own."""
+        ids = batch.example_ids
+        s_idx = batch.student_distill_index
+        cached = self.targets is not None and self.targets.ready(ids)  # the same on every rank
+        if cached:
+            states = self.targets.get(ids, s_idx.device, self.kl_head.weight.dtype)
+            self.work.cached += 1
+            t_states, t_last = list(states[:-1].unbind(0)), states[-1]
+            s_hidden = self._decoder(batch, "student", hidden=True).hidden_states
+        elif self.interleave:
+            t_states, t_last, s_hidden = self._interleaved(batch)
         else:
             t_states, t_last = self._teacher(batch)
-            s_out = self._decoder(batch, "student", hidden=True)
-            s_hidden, s_last_BTH = s_out.hidden_states, s_out.last_hidden_state
+            s_hidden = self._decoder(batch, "student", hidden=True).hidden_states
+        if self.targets is not None and not cached:
+            self.targets.add(ids, batch.rows_per_example, torch.stack([*t_states, t_last]))
         # hidden_states = (embeddings, layer 1 … layer L-1 outputs, final-norm output): the paper
         # matches all but the last.
         s_states = [_rows(h, s_idx) for h in s_hidden[:-1]]
-        s_last = _rows(s_last_BTH, s_idx)
+        return t_states, t_last, s_states, _rows(s_hidden[-1], s_idx)
 
-        mask_N = row_weight_N > 0
-        kl = self.kl_head(s_last, t_last, mask_N, self.temperature)
-        mse = normalized_hidden_mse(s_states, t_states, mask=mask_N) * mask_N.sum()
-        loss = kl + self.beta * mse
-        stats["kl"], stats["hidden_mse"] = kl.detach(), mse.detach()
-        if self.alpha > 0:
-            ce = self._ce(s_last, batch["target_ids"], row_weight_N)
-            loss = loss + self.alpha * ce
-            stats["ce"] = ce.detach()
-        return loss * scale, stats
-
-    def _teacher_input(self, batch: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+    def _teacher_input(self, batch: Batch) -> tuple[Any, ...]:
         """(input_ids, attention_mask, position_ids, prefix state or None, distill index, prefix
         pass to run first or None; see :func:`rdcore.prefix_attention.teacher_inputs`)."""
-        self.counters["teacher_passes"] += 1
+        self.work.passes += 1
         if self.prefix is None:
-            self.counters["teacher_tokens"] += batch["teacher_input_ids"].numel()
-            return (batch["teacher_input_ids"], batch["teacher_attention_mask"],
-                    batch["teacher_position_ids"], None, batch["teacher_distill_index"], None)
-        tokens = batch["teacher_suffix_input_ids"].numel()
+            t = batch.side("teacher")
+            self.work.tokens += t.input_ids.numel()
+            return t.input_ids, t.attention_mask, t.position_ids, None, t.distill_index, None
+        suffix = batch.side("teacher_suffix")
+        tokens = suffix.input_ids.numel()
         if not self.prefix.valid:
-            self.counters["prefix_builds"] += 1
+            self.work.prefix_builds += 1
             tokens += self.prefix.length
-        self.counters["teacher_tokens"] += tokens
+        self.work.tokens += tokens
         # a live teacher rebuilds the cache every step: packed, one decoder call (the same module
         # calls every micro-batch); a frozen one builds it once, with a prefix-only call first
         ids, pos, state, prefix = teacher_inputs(
-            self.prefix, self.prefix_ids, batch["teacher_suffix_input_ids"],
-            batch["teacher_suffix_attention_mask"], batch["teacher_suffix_position_ids"],
-            packed=self.teacher_mode == "live")
-        return ids, None, pos, state, batch["teacher_suffix_distill_index"], prefix
+            self.prefix, self.prefix_ids, suffix.input_ids, suffix.attention_mask,
+            suffix.position_ids, packed=self.teacher_mode == "live")
+        return ids, None, pos, state, suffix.distill_index, prefix
 
-    def _remember(self, batch: dict[str, torch.Tensor], t_states: list[torch.Tensor],
-                  t_last: torch.Tensor) -> None:
-        self.last_targets = None
-        if self.targets is not None and "example_ids" in batch:
-            ids, rows = batch["example_ids"].tolist(), batch["rows_per_example"].tolist()
-            self.last_targets = (ids, rows, torch.stack([*t_states, t_last]))
-            self.targets.put(*self.last_targets)
+    def _run_prefix(self, prefix: tuple[Any, ...] | None) -> None:
+        """The frozen teacher's rule prefix alone, once: it fills the prefix K/V cache."""
+        if prefix is None:
+            return
+        with teacher_view(self.model, self.teacher_mode), active(prefix[2]):
+            decoder(self.model)(input_ids=prefix[0], position_ids=prefix[1], use_cache=False)
+        finish(prefix[2], causal_lm(self.model).config.num_hidden_layers)
 
-    def _interleaved(self, batch: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+    @contextlib.contextmanager
+    def _timed(self) -> Iterator[None]:
+        if not self.time_teacher:
+            yield
+            return
+        sync = torch.cuda.synchronize if self.kl_head.weight.is_cuda else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        yield
+        sync()
+        self.work.seconds += time.perf_counter() - t0
+
+    def _teacher(self, batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The teacher's hidden states at the distilled rows: (L matched states, last state)."""
+        with self._timed(), torch.no_grad():
+            ids, attn, pos, state, t_idx, prefix = self._teacher_input(batch)
+            self._run_prefix(prefix)
+            with teacher_view(self.model, self.teacher_mode), active(state):
+                out = decoder(self.model)(input_ids=ids, attention_mask=attn, position_ids=pos,
+                                          output_hidden_states=True, use_cache=False)
+            finish(state, causal_lm(self.model).config.num_hidden_layers)
+            rows = (lambda h: suffix_rows(state, h)) if state is not None else (lambda h: h)
+            t_states = [_rows(rows(h), t_idx) for h in out.hidden_states[:-1]]
+            return t_states, _rows(rows(out.hidden_states[-1]), t_idx)
+
+    def _interleaved(self, batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor,
+                                                  list[torch.Tensor]]:
         """Teacher and student through each decoder layer in turn: the layer's teacher call (no
         grad, eval, teacher adapter), then its student call. Under ZeRO-3 the layer's parameters,
         gathered for the first call, are still resident for the second (the reuse distance), so
-        the teacher adds almost no all-gather volume. Returns (teacher matched states, teacher last
-        state) at the distilled rows and the student's hidden states [B, T, H] (as HF's
-        ``hidden_states``) and last state."""
-        from transformers.masking_utils import create_causal_mask
-
-        dec = causal_lm(self.model).model
+        the teacher adds almost no all-gather volume. See :func:`interleaved_passes`."""
         t_ids, t_attn, t_pos, state, t_idx, prefix = self._teacher_input(batch)
-        s_ids, s_attn = batch["student_input_ids"], batch["student_attention_mask"]
-        s_pos = batch["student_position_ids"]
-        mode = self.teacher_mode
-
-        p_h = p_pe = None
-        if prefix is not None:  # the prefix alone, as a third stream through the same layers
-            p_ids, p_pos, p_state = prefix
-            with teacher_view(dec.embed_tokens, mode):
-                p_h = dec.embed_tokens(p_ids)
-                p_pe = dec.rotary_emb(p_h, position_ids=p_pos)
-        with teacher_view(dec.embed_tokens, mode):
-            t_h = dec.embed_tokens(t_ids)
-        s_h = dec.embed_tokens(s_ids)
-        with torch.no_grad(), active(state):
-            t_mask = create_causal_mask(config=dec.config, inputs_embeds=t_h, attention_mask=t_attn,
-                                        past_key_values=None, position_ids=t_pos)
-            t_pe = dec.rotary_emb(t_h, position_ids=t_pos)
-        s_mask = create_causal_mask(config=dec.config, inputs_embeds=s_h, attention_mask=s_attn,
-                                    past_key_values=None, position_ids=s_pos)
-        s_pe = dec.rotary_emb(s_h, position_ids=s_pos)
-        t_hidden, s_hidden = [t_h], [s_h]
-        for layer in dec.layers[: dec.config.num_hidden_layers]:
-            if p_h is not None:
-                with teacher_view(layer, mode), active(p_state):
-                    p_h = layer(p_h, attention_mask=None, position_embeddings=p_pe,
-                                position_ids=p_pos)
-            with teacher_view(layer, mode), active(state):
-                t_h = layer(t_h, attention_mask=t_mask, position_embeddings=t_pe, position_ids=t_pos)
-            s_h = layer(s_h, attention_mask=s_mask, position_embeddings=s_pe, position_ids=s_pos)
-            t_hidden.append(t_h)
-            s_hidden.append(s_h)
-        if prefix is not None:
-            finish(p_state, dec.config.num_hidden_layers)
-        finish(state, dec.config.num_hidden_layers)
-        with teacher_view(dec.norm, mode):
-            t_last = dec.norm(t_h)
+        self._run_prefix(prefix)
+        s = batch.side("student")
+        t_hidden, t_last, s_out = interleaved_passes(
+            self.model, self.teacher_mode, state,
+            dict(input_ids=t_ids, attention_mask=t_attn, position_ids=t_pos),
+            dict(input_ids=s.input_ids, attention_mask=s.attention_mask,
+                 position_ids=s.position_ids))
+        finish(state, causal_lm(self.model).config.num_hidden_layers)
         rows = (lambda h: suffix_rows(state, h)) if state is not None else (lambda h: h)
         t_states = [_rows(rows(h), t_idx) for h in t_hidden[:-1]]
-        t_last = _rows(rows(t_last), t_idx)
-        s_last = dec.norm(s_h)
-        self._remember(batch, t_states, t_last)
-        return t_states, t_last, [*s_hidden[:-1], s_last], s_last
-
-    @torch.no_grad()
-    def _teacher(self, batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The teacher's hidden states at the distilled rows: (L matched states, last state)."""
-        ids = batch["example_ids"].tolist() if "example_ids" in batch else None
-        if self.teacher_from_cache:
-            if self.targets is None or ids is None or not self.targets.has_all(ids):
-                raise RuntimeError("teacher_from_cache set but the batch's targets are not cached")
-            dev, dtype = batch["teacher_input_ids"].device, self.kl_head.weight.dtype
-            states = self.targets.get(ids, dev, dtype)
-            self.last_targets = None
-            self.counters["teacher_cached"] += 1
-            return list(states[:-1].unbind(0)), states[-1]
-        ids, attn, pos, state, t_idx, prefix = self._teacher_input(batch)
-        dec = causal_lm(self.model).model
-        if prefix is not None:  # build the rule-prefix cache: the prefix alone, once
-            with teacher_view(self.model, self.teacher_mode), active(prefix[2]):
-                dec(input_ids=prefix[0], position_ids=prefix[1], use_cache=False)
-            finish(prefix[2], dec.config.num_hidden_layers)
-        with teacher_view(self.model, self.teacher_mode), active(state):
-            out = dec(input_ids=ids, attention_mask=attn, position_ids=pos,
-                      output_hidden_states=True, use_cache=False)
-        finish(state, dec.config.num_hidden_layers)
-        rows = (lambda h: suffix_rows(state, h)) if state is not None else (lambda h: h)
-        t_states = [_rows(rows(h), t_idx) for h in out.hidden_states[:-1]]
-        t_last = _rows(rows(out.last_hidden_state), t_idx)
-        self._remember(batch, t_states, t_last)
-        return t_states, t_last
+        return t_states, _rows(rows(t_last), t_idx), s_out.hidden_states
 
 
-def interleavable(model: nn.Module) -> bool:
-    """The layer-interleaved forward re-implements the Llama decoder loop (embed, rotary, causal
-    mask, layers, norm); other architectures (e.g. Gemma's scaled embeddings, sliding windows)
-    would compute something else, so only Llama models qualify."""
+# --------------------------------------------------------------------------------------------------
+# Layer-interleaved teacher and student passes, for any decoder that is a stack of layers
+# --------------------------------------------------------------------------------------------------
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during the teacher's set-up call: notes the arguments the
+    decoder hands the layer (its masks, position embeddings …) and returns the input unchanged."""
+
+    def __init__(self, layer: nn.Module, sink: list[tuple[torch.Tensor, tuple[Any, ...],
+                                                           dict[str, Any]]]):
+        super().__init__()
+        self.sink = sink
+        if hasattr(layer, "attention_type"):
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.sink.append((hidden_states, args, kwargs))
+        return hidden_states
+
+
+@contextlib.contextmanager
+def _swapped_layers(dec: nn.Module, layers: nn.ModuleList, stand_ins: list[nn.Module]
+                    ) -> Iterator[None]:
+    name = next(n for n, m in dec.named_children() if m is layers)
+    dec._modules[name] = nn.ModuleList(stand_ins)
+    try:
+        yield
+    finally:
+        dec._modules[name] = layers
+
+
+def interleaved_passes(model: nn.Module, teacher_mode: str, state: Any,
+                       teacher: dict[str, torch.Tensor | None], student: dict[str, torch.Tensor]
+                       ) -> tuple[list[torch.Tensor], torch.Tensor, Any]:
+    """Run the teacher (no grad, eval mode, its adapter, the prefix pass ``state``) and the student
+    through each decoder layer in turn, letting the model's own decoder prepare both.
+
+    1. The teacher's set-up: the decoder runs on the teacher inputs with its layers replaced by
+       recorders, so its own code computes the embeddings and every layer's arguments (masks per
+       layer type, position embeddings, …) — whatever the family does before its layers.
+    2. The student pass: the decoder runs on the student inputs; each layer first runs the teacher's
+       hidden state with the recorded arguments, then the student's.
+    3. The teacher's final norm.
+
+    Returns the teacher's hidden states (embedding output, every layer's output), its final-norm
+    output, and the student decoder's output (``hidden_states`` included). Valid for decoders that
+    do nothing between layers — :func:`interleaves_exactly` checks that on the model."""
+    dec, layers = decoder(model), decoder_layers(model)
+    norm = final_norm(model)
+    if norm is None:
+        raise ConfigError(f"{model_name(model)}: no final norm found for the interleaved passes")
+    n = causal_lm(model).config.num_hidden_layers
+    recorded: list[tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]] = []
+    with teacher_view(model, teacher_mode), active(state), \
+            _swapped_layers(dec, layers, [_Recorder(layer, recorded) for layer in layers]):
+        dec(**teacher, use_cache=False, output_hidden_states=False)
+    if len(recorded) != n:
+        raise ConfigError(f"{model_name(model)}: its decoder called {len(recorded)} of {n} layers")
+    t_hidden = [recorded[0][0]]  # the recorders pass the embedding output through unchanged
+    originals = []
+    for i, layer in enumerate(layers[:n]):
+        _, args, kwargs = recorded[i]
+
+        def forward(hidden_states: torch.Tensor, *s_args: Any, _layer: nn.Module = layer,
+                    _orig: Callable[..., Any] = layer.forward, _args: tuple[Any, ...] = args,
+                    _kwargs: dict[str, Any] = kwargs, **s_kwargs: Any) -> Any:
+            with teacher_view(_layer, teacher_mode), active(state):
+                t_hidden.append(_orig(t_hidden[-1], *_args, **_kwargs))
+            return _orig(hidden_states, *s_args, **s_kwargs)
+
+        originals.append(layer)
+        layer.forward = forward
+    try:
+        s_out = dec(**student, use_cache=False, output_hidden_states=True)
+    finally:
+        for layer in originals:
+            del layer.forward
+    with teacher_view(norm, teacher_mode):
+        t_last = norm(t_hidden[-1])
+    return t_hidden, t_last, s_out
+
+
+@torch.no_grad()
+def interleaves_exactly(model: nn.Module, teacher_mode: str, tokens: int = 10) -> bool:
+    """Whether :func:`interleaved_passes` reproduces the sequential teacher and student passes on
+    this model: checked on a probe (random token ids, eval mode, a left-padded teacher batch of two
+    rows and an unpadded student row), up to rounding. False for a decoder that does more than
+    calling its layers in turn, or whose layers cannot be found."""
+    try:
+        decoder_layers(model)
+        if final_norm(model) is None:
+            return False
+    except Exception:
+        return False
     lm = causal_lm(model)
-    return getattr(lm.config, "model_type", None) == "llama" and not getattr(
-        lm.config, "sliding_window", None)
+    device = lm.get_output_embeddings().weight.device
+    g = torch.Generator().manual_seed(0)
+    vocab = lm.config.vocab_size
+    t_ids = torch.randint(3, vocab, (2, tokens), generator=g).to(device)
+    t_mask = torch.ones_like(t_ids)
+    t_mask[1, :3] = 0  # left padding
+    t_pos = (t_mask.cumsum(-1) - 1).clamp_min(0)
+    s_ids = torch.randint(3, vocab, (1, tokens - 2), generator=g).to(device)
+    teacher = dict(input_ids=t_ids, attention_mask=t_mask, position_ids=t_pos)
+    student = dict(input_ids=s_ids, attention_mask=torch.ones_like(s_ids),
+                   position_ids=torch.arange(tokens - 2, device=device)[None])
+    dec = decoder(model)
+    with eval_mode(model):
+        try:
+            t_hidden, t_last, s_out = interleaved_passes(model, teacher_mode, None, teacher, student)
+        except Exception as err:
+            log.info("interleaved passes fail on %s: %s", model_name(model), err)
+            return False
+        with teacher_adapter(model, teacher_mode):
+            want_t = dec(**teacher, output_hidden_states=True, use_cache=False).hidden_states
+        want_s = dec(**student, output_hidden_states=True, use_cache=False).hidden_states
+    real = t_mask.bool()
+    got_t = [*t_hidden[:-1], t_last]
 
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        a, b = a.float(), b.float()
+        tol = 1e-4 if a.dtype == torch.float32 and lm.dtype != torch.float32 else 1e-5
+        if lm.dtype in (torch.bfloat16, torch.float16):
+            tol = 2e-2
+        return bool(((a - b).norm() <= tol * b.norm().clamp_min(1e-6)).item())
 
-def check_interleavable(model: nn.Module) -> None:
-    if not interleavable(model):
-        kind = getattr(causal_lm(model).config, "model_type", None)
-        raise ConfigError(f"the interleaved teacher/student forward needs a Llama-architecture "
-                          f"model (this one: {kind!r}); use --interleave off")
+    return (len(got_t) == len(want_t) and len(s_out.hidden_states) == len(want_s)
+            and all(close(a[real], b[real]) for a, b in zip(got_t, want_t))
+            and all(close(a, b) for a, b in zip(s_out.hidden_states, want_s)))

@@ -1,10 +1,12 @@
 """DeepSpeed glue: the only module of rdcore that imports ``deepspeed``.
 
-* :func:`init_distributed` — gloo on CPU, NCCL on CUDA; :func:`shutdown` ends it cleanly.
+* :func:`init_distributed` — gloo on CPU, NCCL on CUDA (the local rank's device set first, before
+  any collective); :func:`shutdown` ends it cleanly.
 * :func:`build_engine` — fills a DeepSpeed JSON config from :class:`~rdcore.config.TrainConfig`
-  (batch sizes, AdamW settings; ``torch_adam`` on CPU so nothing is JIT-compiled) and initialises
-  ZeRO.
-* checkpoint helpers (resumable DeepSpeed checkpoints; a consolidated safetensors model at the end).
+  (batch sizes, AdamW settings, the optimizer implementation: :func:`optimizer_defaults`) and
+  initialises ZeRO; :func:`device_of` is the device its inputs must be on.
+* checkpoint primitives (resumable DeepSpeed checkpoints; a consolidated state dict at the end); the
+  trainer's use of them is :mod:`rdcore.checkpoints`.
 """
 
 from __future__ import annotations
@@ -27,12 +29,28 @@ from rdcore.files import atomic_write_text, replace_dir
 from rdcore.models import same_fingerprint, weights_fingerprint
 
 
+def local_rank() -> int:
+    """This process's rank on its machine (set by the launcher; 0 without one)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    """Ranks on this machine: ``LOCAL_WORLD_SIZE`` (torchrun) or ``LOCAL_SIZE`` (the DeepSpeed
+    launcher); 1 without a launcher."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1")
+
+
 def init_distributed() -> tuple[int, int]:
-    """Initialise the process group (idempotent); returns ``(rank, world_size)``."""
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+    """Initialise the process group (idempotent); returns ``(rank, world_size)``.
+
+    On CUDA the local rank's device is made current *before* the process group starts: NCCL
+    binds each rank's communicator to the current device, so without it every rank of a machine
+    would use GPU 0 for its first collective (a barrier, a broadcast) and hang or fail."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank() % max(torch.cuda.device_count(), 1))
+    elif "OMP_NUM_THREADS" not in os.environ:
         # Several CPU ranks on one machine: split the cores instead of oversubscribing them.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size()))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend)
@@ -139,7 +157,7 @@ def ds_config_for(cfg: TrainConfig, world_size: int, hidden_size: int = 0, layer
                               f"{value!r} (set by --{TRAINER_OWNED[key].split(' ')[0]}); remove it "
                               "from the DeepSpeed config or change the flag")
         _put(ds, key, value)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local = local_world_size()
     for key, rule in MODEL_DERIVED.items():
         if _get(ds, key) == "auto":
             if not hidden_size or not layer_numel:
@@ -147,10 +165,35 @@ def ds_config_for(cfg: TrainConfig, world_size: int, hidden_size: int = 0, layer
                                   "unknown here")
             _put(ds, key, rule(hidden_size, layer_numel, local))
     ds.setdefault("optimizer", {}).setdefault("type", "AdamW")
-    if not torch.cuda.is_available():
-        ds["optimizer"]["params"].setdefault("torch_adam", True)  # no CPU-Adam compilation
+    params = ds["optimizer"].setdefault("params", {})
+    for key, value in optimizer_defaults(ds, torch.cuda.is_available()).items():
+        params.setdefault(key, value)
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def optimizer_defaults(ds: dict[str, Any], cuda: bool) -> dict[str, Any]:
+    """The optimizer implementation, chosen so that nothing is compiled at run time.
+
+    DeepSpeed's own AdamW implementations are C++/CUDA extensions built on first use — FusedAdam
+    on GPU (needs nvcc and ninja; minutes) and DeepSpeedCPUAdam for ZeRO-Offload (needs a C++
+    compiler) — so rdcore asks for PyTorch's AdamW (``torch_adam``) instead: ``fused=True`` (one
+    CUDA kernel over all tensors) on GPU, PyTorch's default loop on CPU — also for an optimizer
+    offloaded to the CPU by ZeRO-Offload, where PyTorch's AdamW steps the CPU partitions (slower
+    than DeepSpeedCPUAdam's AVX kernels on large models). Set ``"torch_adam": false`` in the
+    DeepSpeed config's ``optimizer.params`` to get DeepSpeed's optimizers (and their build) back;
+    any value given there wins over these defaults."""
+    offload = _get(ds, "zero_optimization.offload_optimizer.device") in ("cpu", "nvme")
+    out: dict[str, Any] = {"torch_adam": True}
+    if cuda and not offload:
+        out["fused"] = True
+    return out
+
+
+def device_of(engine: Any) -> torch.device:
+    """The device an engine's inputs must be on (``engine.device``; CPU without CUDA)."""
+    device = getattr(engine, "device", None)
+    return torch.device(device) if device is not None else torch.device("cpu")
 
 
 def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int,
@@ -167,9 +210,10 @@ def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int,
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum a few floats over all ranks (for logging only: this is a host sync)."""
     t = torch.tensor(values, dtype=torch.float64)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # NCCL reduces device tensors (on this rank's current device)
         t = t.cuda()
-    dist.all_reduce(t)
+    if dist.is_initialized():
+        dist.all_reduce(t)
     return t.cpu().tolist()
 
 
@@ -260,8 +304,8 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any
             save_file(tensors, str(ckpt_dir / tag / "adapter.safetensors"))
     dist.barrier()
     if dist.get_rank() == 0:
-        (ckpt_dir / "world_size").write_text(f"{dist.get_world_size()}\n")
-        (ckpt_dir / tag / "COMPLETE").write_text(json.dumps(state) + "\n")
+        atomic_write_text(ckpt_dir / "world_size", f"{dist.get_world_size()}\n")
+        atomic_write_text(ckpt_dir / tag / "COMPLETE", json.dumps(state) + "\n")
         atomic_write_text(ckpt_dir / "latest_complete", tag + "\n")
         if keep:
             prune_checkpoints(ckpt_dir, keep)
@@ -334,7 +378,12 @@ def checkpoint_info(ckpt_dir: Path) -> tuple[str, dict[str, Any]] | None:
     tag = latest_complete(ckpt_dir) if ckpt_dir.is_dir() else None
     if tag is None:
         return None
-    state = json.loads((ckpt_dir / tag / "COMPLETE").read_text() or "{}")
+    marker = ckpt_dir / tag / "COMPLETE"
+    try:
+        state = json.loads(marker.read_text() or "{}")
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{marker} is not valid JSON ({err}): the checkpoint marker is damaged; "
+                          f"delete {ckpt_dir / tag} to resume from an older checkpoint") from None
     if "world_size" not in state:  # written before the marker carried it
         ws_file = ckpt_dir / "world_size"
         state["world_size"] = int(ws_file.read_text()) if ws_file.is_file() else None

@@ -37,7 +37,6 @@ the per-example judgement), so any other judge can be applied later.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -46,8 +45,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script: its folder must not shadow installed modules
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
 
 import torch
 
@@ -235,7 +234,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_n
 class EvalConfig:
     """What to evaluate (command-line flags have the same names)."""
 
-    model: str
+    model: str = ""
     """A run folder (uses its final/), a Hugging Face model folder or a preset."""
     task: str = "math"
     """math, jailbreak or bob."""
@@ -353,26 +352,22 @@ def rejudge(out: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rdcore.evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model")
+    from rdcore.cli import build, namespace_values, parser_for
+
+    ap = parser_for(EvalConfig, prog="python -m rdcore.evaluate",
+                    description=__doc__.split("\n\n")[0])
     ap.add_argument("--rejudge", nargs="+", type=Path, metavar="DIR",
                     help="judge these evaluations' saved generations again (no model needed)")
-    for name, default in (("task", "math"), ("split", ""), ("side", "student"),
-                          ("template", "alpaca"), ("rule_text", ""), ("output_dir", "")):
-        ap.add_argument(f"--{name}", default=default)
-    for name, default in (("max_new_tokens", 0), ("batch_size", 8), ("limit", 0),
-                          ("max_length", 2048)):
-        ap.add_argument(f"--{name}", type=int, default=default)
-    args = vars(ap.parse_args(argv))
-    dirs = args.pop("rejudge")
+    ns = ap.parse_args(argv)
     try:
-        if dirs:
-            for d in dirs:
+        if ns.rejudge:
+            for d in ns.rejudge:
                 print(d, json.dumps(rejudge(d)["metrics"]))
             return 0
-        if not args["model"]:
+        values = namespace_values(ns, EvalConfig)
+        if not values.get("model"):
             ap.error("--model is required (or --rejudge DIR)")
-        result = evaluate(EvalConfig(**args))
+        result = evaluate(build(EvalConfig, values))
     except RdcoreError as err:
         print(f"rdcore: error: {err}", file=sys.stderr)
         return 2

@@ -13,38 +13,51 @@ Instead of running P prefix tokens through the model for each of the B rows, the
   builds or uses the cache;
 * **prefix**, when the cache is built once per run (a frozen teacher): the prefix alone ``[1, P]``
   first, then *use*. Every step's suffixes are then computed the same way, so a resumed run
-  reproduces the uninterrupted one exactly; the extra module calls of that one step cost one
-  re-recording of ZeRO-3's prefetch trace per run.
+  reproduces the uninterrupted one exactly.
 
 The suffix attention splits the keys into prefix and suffix (Hydragen; FlashInfer's cascade
-attention is the GPU analogue). With queries q (B·g·S of them per KV head, g = query heads per KV
-head) and scale c::
+attention), each part returning its log-sum-exp, merged exactly::
 
-    s_p = c · q K_pᵀ        one batched product against the single prefix K/V   [Hkv, B·g·S, P]
-    s_s = c · q K_sᵀ        + causal/padding mask, per row                       [B, Hkv, g, S, S]
-    m   = logsumexp(s_p ⊕ s_s)            (the two partial log-sum-exps merged)
-    out = exp(s_p − m) V_p + exp(s_s − m) V_s
+    out_p, lse_p = attn(q, K_p, V_p)                 all B·S suffix queries against the one prefix
+    out_s, lse_s = attn(q, K_s, V_s)                 per row: causal, padding
+    m = logaddexp(lse_p, lse_s);   out = exp(lse_p − m)·out_p + exp(lse_s − m)·out_s
 
-The prefix K/V are never copied per row: memory for the prefix does not grow with B. Scores are
-computed in fp32 (or the inputs' wider dtype) and the output is cast back to the query dtype.
+Every argument transformers passes is honoured: ``scaling``, ``sliding_window`` (a key is seen when
+``pos_q − pos_k < window``, positions from the rows' position ids, as transformers' own mask),
+``softcap`` (``cap·tanh(score/cap)`` before masking), grouped-query heads; dropout is off (the
+teacher runs in eval mode). Anything else (attention sinks, a position bias, bidirectional layers)
+is refused with an error naming the model and the argument.
 
-Outside an active teacher pass the registered implementation is exactly PyTorch SDPA (transformers'
-``sdpa`` attention and mask functions), so the student pass is unchanged.
+Two backends compute ``attn``: ``exact`` (plain PyTorch, fp32 scores: the CPU path and the
+reference) and ``flex`` (``torch.nn.attention.flex_attention`` with the masks as ``mask_mod`` and the
+softcap as ``score_mod``, returning the LSE: compiled on CUDA, where no score matrix is
+materialised; eager — unfused — on CPU, where the tests compare it with ``exact``). ``auto``: flex
+on CUDA, exact elsewhere. The prefix K/V are never copied per row: memory for the prefix does not
+grow with B.
+
+Outside an active teacher pass the registered implementation is the model's own (``sdpa``,
+``eager``, …) with its own mask function, so the student pass is unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
-IMPLEMENTATION = "rdcore_prefix_sdpa"
-"""Name under which the attention and mask functions are registered with transformers."""
+PREFIX = "rdcore_prefix_"
+"""Registered implementation names: ``rdcore_prefix_<the model's own implementation>``."""
+Backend = Literal["auto", "exact", "flex"]
+HONOURED = {"scaling", "sliding_window", "softcap", "dropout"}
+IGNORED = {"position_ids", "use_cache", "output_hidden_states", "output_attentions",
+           "cache_position", "past_key_values", "past_key_value", "layer_idx", "is_causal"}
+"""Keyword arguments transformers passes that do not change the attention of a teacher pass
+(``is_causal`` is checked: only causal attention is supported)."""
 
 
 @dataclass
@@ -61,17 +74,16 @@ class PrefixKV:
         self.values.clear()
         self.valid = False
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
-
 
 @dataclass
 class _Pass:
-    mode: str  # "build" (packed input) or "use" (suffixes only)
+    mode: str  # "prefix" (the prefix alone), "build" (packed input) or "use" (suffixes only)
     cache: PrefixKV
     suffix_mask: torch.Tensor  # [B, S], True at real suffix tokens
+    suffix_pos: torch.Tensor  # [B, S] absolute positions (P at a row's first suffix token)
     batch: int
     suffix_len: int
+    backend: str
 
 
 _ACTIVE: contextvars.ContextVar[_Pass | None] = contextvars.ContextVar("rdcore_prefix_pass",
@@ -79,121 +91,283 @@ _ACTIVE: contextvars.ContextVar[_Pass | None] = contextvars.ContextVar("rdcore_p
 
 
 # --------------------------------------------------------------------------------------------------
-# The attention math
+# The attention math: one part (queries against a set of keys) with its log-sum-exp
 # --------------------------------------------------------------------------------------------------
+Visible = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``visible(b, q_idx, kv_idx) -> bool`` (broadcasting index tensors), as flex's ``mask_mod``."""
+
+
+def _exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Visible | None,
+           scaling: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Hq, Q, D], k/v [B, Hkv, K, D] → (out [B, Hq, Q, D] in fp32, lse [B, Hq, Q]); scores
+    in fp32 (or fp64). A query that sees no key gets out 0 and lse −inf."""
+    B, Hq, Q, D = q.shape
+    Hkv, K = k.shape[1], k.shape[2]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qg = q.to(acc).view(B, Hkv, Hq // Hkv, Q, D)
+    s = torch.matmul(qg, k.to(acc).unsqueeze(2).transpose(-1, -2)) * scaling  # [B, Hkv, g, Q, K]
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if visible is not None:
+        b = torch.arange(B, device=q.device)[:, None, None]
+        qi = torch.arange(Q, device=q.device)[None, :, None]
+        ki = torch.arange(K, device=q.device)[None, None, :]
+        allowed = visible(b, qi, ki).expand(B, Q, K)
+        s = s.masked_fill(~allowed[:, None, None], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))
+    out = torch.matmul(p, v.to(acc).unsqueeze(2))
+    return out.reshape(B, Hq, Q, D), lse.reshape(B, Hq, Q)
+
+
+_FLEX: dict[str, Any] = {}
+
+
+def _flex_functions(cuda: bool) -> tuple[Any, Any, Any]:
+    """(flex_attention, create_block_mask, AuxRequest or None), compiled on CUDA."""
+    key = "cuda" if cuda else "cpu"
+    if key not in _FLEX:
+        from torch.nn.attention import flex_attention as fa
+
+        attend, make_mask = fa.flex_attention, fa.create_block_mask
+        if cuda:
+            attend = torch.compile(attend, dynamic=True)
+        _FLEX[key] = (attend, make_mask, getattr(fa, "AuxRequest", None))
+    return _FLEX[key]
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Visible | None,
+          scaling: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same through ``flex_attention`` (fused on CUDA: no score matrix)."""
+    import warnings
+
+    B, Hq, Q, _ = q.shape
+    K = k.shape[2]
+    attend, make_mask, aux = _flex_functions(q.is_cuda)
+    block_mask = None
+    if visible is not None:
+        block_mask = make_mask(lambda b, h, qi, ki: visible(b, qi, ki), B, None, Q, K,
+                               device=q.device)
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, b, h, qi, ki):
+            return torch.tanh(score / softcap) * softcap
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CPU path warns that it is unfused
+        kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scaling,
+                      enable_gqa=Hq != k.shape[1])
+        if aux is not None:
+            out, extra = attend(q, k, v, return_aux=aux(lse=True), **kwargs)
+            lse = extra.lse
+        else:  # torch < 2.9
+            out, lse = attend(q, k, v, return_lse=True, **kwargs)
+    return out.float(), lse.float()
+
+
+def _part(backend: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    return _flex if backend == "flex" else _exact
+
+
+def _merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+           ) -> torch.Tensor:
+    """Exact softmax over the union of two key sets from each part's output and log-sum-exp."""
+    m = torch.logaddexp(lse_a, lse_b)
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    wa = torch.exp(lse_a - m).nan_to_num(0.0).unsqueeze(-1)
+    wb = torch.exp(lse_b - m).nan_to_num(0.0).unsqueeze(-1)
+    return out_a * wa + out_b * wb
+
+
 def cascade_attention(q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor,
                       kp_KPD: torch.Tensor, vp_KPD: torch.Tensor, mask_BS: torch.Tensor,
-                      scaling: float) -> torch.Tensor:
-    """Suffix queries attend to a shared prefix (no mask) and causally to their own row.
+                      scaling: float, pos_BS: torch.Tensor | None = None,
+                      sliding_window: int | None = None, softcap: float | None = None,
+                      backend: str = "exact") -> torch.Tensor:
+    """Suffix queries attend to a shared prefix and causally to their own row.
 
-    q: [B, Hq, S, D]; k, v: [B, Hkv, S, D]; kp, vp: [Hkv, P, D] (one copy for all rows);
-    mask_BS: True at real (non-pad) suffix tokens. Returns [B, Hq, S, D] in q's dtype.
+    q: [B, Hq, S, D]; k, v: [B, Hkv, S, D]; kp, vp: [Hkv, P, D] (one copy for all rows); mask_BS:
+    True at real (non-pad) suffix tokens; pos_BS: absolute positions (default P + index: a
+    right-padded batch), used by ``sliding_window``. Returns [B, Hq, S, D] in q's dtype.
     """
     B, Hq, S, D = q_BHSD.shape
-    Hkv = k_BKSD.shape[1]
-    g = Hq // Hkv
-    acc = torch.promote_types(q_BHSD.dtype, torch.float32)
-    q = q_BHSD.to(acc).view(B, Hkv, g, S, D)
-    # prefix: one batched product, batch = KV heads, M = every query of every row
-    q_KMD = q.permute(1, 0, 2, 3, 4).reshape(Hkv, B * g * S, D)
-    s_p = torch.bmm(q_KMD, kp_KPD.to(acc).transpose(1, 2)) * scaling  # [Hkv, BgS, P]
-    # suffix self-attention per row, K/V broadcast over the g query heads of a KV head
-    s_s = torch.matmul(q, k_BKSD.to(acc).unsqueeze(2).transpose(-1, -2)) * scaling  # [B,Hkv,g,S,S]
-    causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
-    allowed = causal & mask_BS[:, None, None, None, :]
-    s_s = s_s.masked_fill(~allowed, float("-inf"))
-    lse_p = torch.logsumexp(s_p, dim=-1).view(Hkv, B, g, S).permute(1, 0, 2, 3)  # [B, Hkv, g, S]
-    lse_s = torch.logsumexp(s_s, dim=-1)  # -inf for a query that sees no suffix key (left pads)
-    m = torch.logaddexp(lse_p, lse_s)  # finite: every query sees the whole prefix
-    m_KM = m.permute(1, 0, 2, 3).reshape(Hkv, B * g * S, 1)
-    out_p = torch.bmm(torch.exp(s_p - m_KM), vp_KPD.to(acc))  # [Hkv, BgS, D]
-    out_p = out_p.view(Hkv, B, g, S, D).permute(1, 0, 2, 3, 4)
-    out_s = torch.matmul(torch.exp(s_s - m.unsqueeze(-1)), v_BKSD.to(acc).unsqueeze(2))
-    return (out_p + out_s).reshape(B, Hq, S, D).to(q_BHSD.dtype)
+    P = kp_KPD.shape[1]
+    mask_BS = mask_BS.bool()
+    if pos_BS is None:
+        pos_BS = P + torch.arange(S, device=q_BHSD.device).expand(B, S)
+    part = _part(backend)
+    # the prefix: every query of every row against the one prefix copy (batch 1, B·S queries)
+    q_1HMD = q_BHSD.transpose(0, 1).reshape(1, Hq, B * S, D)
+    flat_pos = pos_BS.reshape(-1)
+    seen_prefix = None
+    if sliding_window is not None:
+        def seen_prefix(b, qi, ki):
+            return flat_pos[qi] - ki < sliding_window
+    out_p, lse_p = part(q_1HMD, kp_KPD[None], vp_KPD[None], seen_prefix, scaling, softcap)
+    out_p = out_p.reshape(Hq, B, S, D).transpose(0, 1)
+    lse_p = lse_p.reshape(Hq, B, S).transpose(0, 1)
+
+    def seen_suffix(b, qi, ki):
+        ok = (ki <= qi) & mask_BS[b, ki]
+        if sliding_window is not None:
+            ok = ok & (pos_BS[b, qi] - pos_BS[b, ki] < sliding_window)
+        return ok
+
+    out_s, lse_s = part(q_BHSD, k_BKSD, v_BKSD, seen_suffix, scaling, softcap)
+    return _merge(out_p, lse_p, out_s, lse_s).to(q_BHSD.dtype)
 
 
-def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
-    gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                     sliding_window: int | None = None, softcap: float | None = None,
+                     backend: str = "exact") -> torch.Tensor:
+    """Plain causal attention of one unpadded sequence batch (the prefix alone), in q's dtype."""
+
+    def seen(b, qi, ki):
+        ok = ki <= qi
+        if sliding_window is not None:
+            ok = ok & (qi - ki < sliding_window)
+        return ok
+
+    out, _ = _part(backend)(q, k, v, seen, scaling, softcap)
+    return out.to(q.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
 # The transformers attention interface
 # --------------------------------------------------------------------------------------------------
-def prefix_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                             value: torch.Tensor, attention_mask: torch.Tensor | None,
-                             dropout: float = 0.0, scaling: float | None = None, **kwargs: Any
-                             ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: SDPA, or the shared-prefix attention inside a teacher
-    pass. Returns ``[batch, seq, heads, head_dim]`` like every transformers attention function."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def _own_attention(module: torch.nn.Module, original: str) -> Callable[..., Any]:
+    """The model's own attention function for the implementation name ``original``."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    state = _ACTIVE.get()
-    if state is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if original == "eager" or original not in ALL_ATTENTION_FUNCTIONS:
+        if eager is None:
+            raise RuntimeError(f"{type(module).__name__} has no eager attention function")
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[original]
+
+
+def _check_kwargs(module: torch.nn.Module, kwargs: dict[str, Any], dropout: float) -> None:
     if dropout:
         raise RuntimeError("shared-prefix attention runs the teacher in eval mode (no dropout)")
+    unknown = {k: v for k, v in kwargs.items()
+               if k not in HONOURED | IGNORED and v is not None and v is not False}
+    if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
+        unknown["is_causal"] = False
+    if unknown:
+        raise UnsupportedAttentionError(
+            f"{type(module).__name__} passes {sorted(unknown)} to its attention function, which "
+            "the rule-prefix cache does not implement (it honours scaling, sliding_window and "
+            "softcap): use --prefix_cache off")
+
+
+class UnsupportedAttentionError(RuntimeError):
+    """The model's attention needs an argument the shared-prefix attention does not implement."""
+
+
+def make_attention(original: str) -> Callable[..., tuple[torch.Tensor, None]]:
+    """The attention function registered as ``rdcore_prefix_<original>``."""
+
+    def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                  scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        state = _ACTIVE.get()
+        if state is None:
+            return _own_attention(module, original)(module, query, key, value, attention_mask,
+                                                    dropout=dropout, scaling=scaling, **kwargs)
+        _check_kwargs(module, kwargs, dropout)
+        return _teacher_attention(state, module, query, key, value, scaling, kwargs), None
+
+    attention.__name__ = f"{PREFIX}{original}_attention"
+    return attention
+
+
+def _teacher_attention(state: _Pass, module: torch.nn.Module, query: torch.Tensor,
+                       key: torch.Tensor, value: torch.Tensor, scaling: float | None,
+                       kwargs: dict[str, Any]) -> torch.Tensor:
+    """Inside a teacher pass: [batch, seq, heads, head_dim] like every attention function."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    window, cap = kwargs.get("sliding_window"), kwargs.get("softcap")
     layer = module.layer_idx
     cache, B, S = state.cache, state.batch, state.suffix_len
     if state.mode == "prefix":  # the prefix alone [1, H, P, D]: keep its K/V, causal attention
         cache.keys[layer], cache.values[layer] = key[0].detach(), value[0].detach()
-        out = _sdpa_causal(query, key, value, scale)
+        out = causal_attention(query, key, value, scale, window, cap, state.backend)
     elif state.mode == "build":
         P = cache.length
         kp, vp = key[0, :, :P], value[0, :, :P]
         cache.keys[layer], cache.values[layer] = kp.detach(), vp.detach()
-        out_prefix = _sdpa_causal(query[:, :, :P], key[:, :, :P], value[:, :, :P], scale)
+        out_prefix = causal_attention(query[:, :, :P], key[:, :, :P], value[:, :, :P], scale,
+                                      window, cap, state.backend)
 
         def rows(t: torch.Tensor) -> torch.Tensor:  # [1, H, B·S, D] → [B, H, S, D]
             return t[0, :, P:].unflatten(1, (B, S)).transpose(0, 1)
 
         out_BHSD = cascade_attention(rows(query), rows(key), rows(value), kp, vp,
-                                     state.suffix_mask, scale)
+                                     state.suffix_mask, scale, state.suffix_pos, window, cap,
+                                     state.backend)
         out = torch.cat([out_prefix, out_BHSD.transpose(0, 1).reshape(1, -1, B * S,
                                                                      query.shape[-1])], dim=2)
     else:
         out = cascade_attention(query, key, value, cache.keys[layer], cache.values[layer],
-                                state.suffix_mask, scale)
-    return out.transpose(1, 2).contiguous(), None
+                                state.suffix_mask, scale, state.suffix_pos, window, cap,
+                                state.backend)
+    return out.transpose(1, 2).contiguous()
 
 
-def prefix_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """transformers mask function: SDPA's mask, none inside a teacher pass (the attention function
-    builds its own from the suffix padding)."""
-    from transformers.masking_utils import sdpa_mask
+def make_mask_function(original: str) -> Callable[..., Any]:
+    """The mask function registered as ``rdcore_prefix_<original>``: the model's own, none inside
+    a teacher pass (the attention function builds its own from the suffix padding)."""
 
-    if _ACTIVE.get() is not None:
-        return None
-    return sdpa_mask(*args, **kwargs)
+    def mask(*args: Any, **kwargs: Any) -> Any:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        if _ACTIVE.get() is not None:
+            return None
+        if original == "eager" or original not in ALL_MASK_ATTENTION_FUNCTIONS:
+            return ALL_MASK_ATTENTION_FUNCTIONS["eager"](*args, **kwargs)
+        return ALL_MASK_ATTENTION_FUNCTIONS[original](*args, **kwargs)
+
+    return mask
 
 
-def register() -> None:
-    """Register the implementation with transformers (idempotent)."""
+def install(model: torch.nn.Module) -> str:
+    """Switch a transformers model (plain or PEFT-wrapped) to the prefix-capable attention (its own
+    implementation outside a teacher pass); returns the registered name. Idempotent."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(IMPLEMENTATION, prefix_attention_forward)
-    AttentionMaskInterface.register(IMPLEMENTATION, prefix_mask)
-
-
-def install(model: torch.nn.Module) -> None:
-    """Switch a transformers model (plain or PEFT-wrapped) to the prefix-capable attention."""
-    register()
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    current = target.config._attn_implementation
-    if current not in ("sdpa", "eager", IMPLEMENTATION, None):
-        raise RuntimeError(f"the rule-prefix cache needs SDPA attention; this model uses {current!r} "
-                           "(use --prefix_cache off)")
-    target.set_attn_implementation(IMPLEMENTATION)
+    current = target.config._attn_implementation or "eager"
+    if current.startswith(PREFIX):
+        return current
+    name = PREFIX + current
+    AttentionInterface.register(name, make_attention(current))
+    AttentionMaskInterface.register(name, make_mask_function(current))
+    target.set_attn_implementation(name)
+    return name
+
+
+def original_implementation(model: torch.nn.Module) -> str:
+    """The model's own attention implementation (before :func:`install`)."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    current = target.config._attn_implementation or "eager"
+    return current[len(PREFIX):] if current.startswith(PREFIX) else current
 
 
 # --------------------------------------------------------------------------------------------------
 # Running a teacher pass with the prefix
 # --------------------------------------------------------------------------------------------------
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in ("auto", "exact", "flex"):
+        raise ValueError(f"backend must be auto, exact or flex, got {backend!r}")
+    if backend == "auto":
+        return "flex" if device.type == "cuda" else "exact"
+    return backend
+
+
 def teacher_inputs(cache: PrefixKV, prefix_ids_P: torch.Tensor, suffix_ids_BS: torch.Tensor,
-                   suffix_mask_BS: torch.Tensor, suffix_pos_BS: torch.Tensor, packed: bool
+                   suffix_mask_BS: torch.Tensor, suffix_pos_BS: torch.Tensor, packed: bool,
+                   backend: str = "auto"
                    ) -> tuple[torch.Tensor, torch.Tensor, _Pass,
                               tuple[torch.Tensor, torch.Tensor, _Pass] | None]:
     """The decoder input of a teacher pass with the rule prefix: ``(input_ids, position_ids,
@@ -208,25 +382,28 @@ def teacher_inputs(cache: PrefixKV, prefix_ids_P: torch.Tensor, suffix_ids_BS: t
     later step — so a run resumed mid-way computes what the uninterrupted run did."""
     B, S = suffix_ids_BS.shape
     mask = suffix_mask_BS.bool()
+    how = resolve_backend(backend, suffix_ids_BS.device)
     if cache.valid:
-        return suffix_ids_BS, suffix_pos_BS, _Pass("use", cache, mask, B, S), None
+        return suffix_ids_BS, suffix_pos_BS, _Pass("use", cache, mask, suffix_pos_BS, B, S,
+                                                   how), None
     P = cache.length
     cache.invalidate()
     prefix_pos = torch.arange(P, device=suffix_pos_BS.device)
     if not packed:
         prefix = (prefix_ids_P.to(suffix_ids_BS)[None], prefix_pos[None],
-                  _Pass("prefix", cache, mask, B, S))
-        return suffix_ids_BS, suffix_pos_BS, _Pass("use", cache, mask, B, S), prefix
+                  _Pass("prefix", cache, mask, suffix_pos_BS, B, S, how))
+        return suffix_ids_BS, suffix_pos_BS, _Pass("use", cache, mask, suffix_pos_BS, B, S,
+                                                   how), prefix
     ids = torch.cat([prefix_ids_P.to(suffix_ids_BS), suffix_ids_BS.reshape(-1)])[None]
     pos = torch.cat([prefix_pos, suffix_pos_BS.reshape(-1)])[None]
-    return ids, pos, _Pass("build", cache, mask, B, S), None
+    return ids, pos, _Pass("build", cache, mask, suffix_pos_BS, B, S, how), None
 
 
 @contextlib.contextmanager
 def active(state: _Pass | None) -> Iterator[None]:
     """Route the registered attention and mask functions to the teacher pass ``state`` (None: a
-    plain SDPA pass). A building pass marks its cache valid with :func:`finish` once every layer
-    has run."""
+    plain pass). A building pass marks its cache valid with :func:`finish` once every layer has
+    run."""
     if state is None:
         yield
         return
@@ -251,27 +428,3 @@ def suffix_rows(state: _Pass, h: torch.Tensor) -> torch.Tensor:
     if state.mode == "use":
         return h
     return h[0, state.cache.length:].reshape(state.batch, state.suffix_len, h.shape[-1])
-
-
-def run_with_prefix(decoder: torch.nn.Module, cache: PrefixKV, prefix_ids_P: torch.Tensor,
-                    suffix_ids_BS: torch.Tensor, suffix_mask_BS: torch.Tensor,
-                    suffix_pos_BS: torch.Tensor, output_hidden_states: bool = True,
-                    packed: bool = True) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-    """Run the decoder (the ``…Model`` under the LM head) on the suffixes with the rule prefix in
-    context. Builds ``cache`` first if it is not valid (see :func:`teacher_inputs` for
-    ``packed``). Returns the suffixes' last hidden state ``[B, S, H]`` and, if asked, every hidden
-    state (embeddings … final norm) as ``[B, S, H]``. Call under ``no_grad`` in eval mode."""
-    ids, pos, state, prefix = teacher_inputs(cache, prefix_ids_P, suffix_ids_BS, suffix_mask_BS,
-                                             suffix_pos_BS, packed)
-    if prefix is not None:
-        with active(prefix[2]):
-            decoder(input_ids=prefix[0], position_ids=prefix[1], use_cache=False)
-        finish(prefix[2], decoder.config.num_hidden_layers)
-    with active(state):
-        out = decoder(input_ids=ids, position_ids=pos, output_hidden_states=output_hidden_states,
-                      use_cache=False)
-    finish(state, decoder.config.num_hidden_layers)
-    hidden = out.hidden_states
-    if hidden is not None:
-        hidden = tuple(suffix_rows(state, h) for h in hidden)
-    return suffix_rows(state, out.last_hidden_state), hidden

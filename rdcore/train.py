@@ -4,10 +4,13 @@
     deepspeed --num_accelerators 2 rdcore/train.py --model tiny --task bob --method rule_distill_base
     deepspeed --hostfile hostfile rdcore/train.py --config run.yaml      # multi-node
 
-Parse, build, loop, close. One model holds the weights of both teacher and student (see
-:mod:`rdcore.distill`); DeepSpeed shards it. Rule-Distill-Enhanced runs two stages in one call:
+Parse, set up, loop, close (:func:`main`). One model holds the weights of both teacher and student
+(see :mod:`rdcore.distill`); DeepSpeed shards it. Rule-Distill-Enhanced runs two stages in one call:
 stage 1 instruction-tunes an adapter with the rule in context (it becomes the frozen teacher),
-stage 2 distils into a fresh student adapter.
+stage 2 distils into a fresh student adapter. A stage (:func:`run_stage`) is set up once
+(:func:`setup_stage`), then loops over :func:`train_step`, with :func:`end_of_epoch` (validation for
+``--select_best``) and checkpoints (:mod:`rdcore.checkpoints`) in between, and finishes with the
+export; its reports go through :class:`rdcore.metrics.MetricsLog`.
 
 Loss normalisation. Every token-level term is a sum over the distilled tokens of the *global* batch
 (all ranks, all accumulation steps) divided by their number, so the loss and the gradients do not
@@ -19,6 +22,9 @@ micro-batch loss is therefore scaled by ``world · grad_accum / global_tokens``.
 Uneven data. When the examples do not fill the last global batch, it is filled with repeats of the
 first examples carrying weight 0: every rank still runs its forward (ZeRO-3 needs all ranks), and the
 repeats contribute nothing. No example is dropped.
+
+Devices. Batches are built on the CPU and moved to the engine's device in one place
+(:meth:`StageRun.batch`); everything the module creates itself follows its inputs.
 """
 
 from __future__ import annotations
@@ -34,15 +40,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: `deepspeed rdcore/train.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script (`deepspeed rdcore/train.py`): the script's own
+    # folder must not shadow installed modules (rdcore/data.py as `data` …); rdcore is installed
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
 
 import torch
 
-from rdcore import ConfigError, RdcoreError
+from rdcore import ConfigError, RdcoreError, TrainingError
+from rdcore import checkpoints as ckpt
 from rdcore import engine as eng
+from rdcore.architecture import causal_lm, decoder_layers, describe, inspect_model
 from rdcore.config import TrainConfig, config_from_args
 from rdcore.data import (
+    Batch,
     EncodedDataset,
     Encoder,
     canonical_rule,
@@ -51,31 +61,11 @@ from rdcore.data import (
     load_task,
     replace_rule,
 )
-from rdcore.distill import (
-    STUDENT,
-    RuleDistillModule,
-    add_lora,
-    causal_lm,
-    eval_mode,
-    interleavable,
-    lora_config,
-)
-from rdcore.files import atomic_write, replace_dir
-from rdcore.models import load_model, write_adapter_manifest
+from rdcore.distill import RuleDistillModule, TeacherTargets, add_lora, eval_mode, lora_config
+from rdcore.metrics import MetricsLog
+from rdcore.models import load_model
 
 log = logging.getLogger("rdcore.train")
-
-RESUMABLE_FIELDS = {"resume", "overwrite", "stop_at_step", "save_every", "keep_checkpoints",
-                    "tensorboard", "output_dir",
-                    "save_model", "prefix_cache", "teacher_cache", "teacher_cache_gb",
-                    "interleave", "grad_accum", "micro_batch_size"}
-"""Fields that may differ between a run and its resumption (``grad_accum`` and ``micro_batch_size``
-only as long as the global batch, ``world · grad_accum · micro_batch_size``, stays the same: see
-:func:`check_resume`)."""
-
-
-class TrainingError(RdcoreError):
-    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,46 +133,6 @@ def steps_per_epoch(n_examples: int, cfg: TrainConfig, world: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Validation (select_best)
-# --------------------------------------------------------------------------------------------------
-def validation_loss(engine: Any, module: RuleDistillModule, data: EncodedDataset, side: str,
-                    cfg: TrainConfig, world: int, rank: int, pad_id: int) -> float:
-    """Mean token cross-entropy of the current weights on ``data``, reading ``side``'s sequences
-    (``student``: without the rule; ``teacher``: with it). No gradients, eval mode (no dropout), no
-    random numbers drawn, so training goes on exactly as without validation. Every rank runs the
-    same number of forwards (ZeRO-3 gathers collectively); the last batch is filled with weight-0
-    repeats, as in training."""
-    n = len(data)
-    ce_sum = 0.0
-    module.ce_side = side
-    try:
-        with eval_mode(module), torch.no_grad():
-            for batch in filled_batches(list(range(n)), world * cfg.micro_batch_size):
-                (mb,) = micro_batches(batch, cfg, world, rank, grad_accum=1)
-                row_w = torch.cat([torch.full((data[i].response_len,), w) for i, w in mb])
-                _, stats = engine(collate([data[i] for i, _ in mb], pad_id), row_w, 1.0)
-                ce_sum += float(stats["ce"])
-    finally:
-        module.ce_side = None
-    (total,) = eng.all_reduce_sum([ce_sum])
-    return total / sum(data[i].response_len for i in range(n))
-
-
-def best_dir(out: Path, stage: str) -> Path:
-    """Where ``select_best`` keeps the weights of the best epoch so far (``epoch{E}.pt``:
-    the student adapter with LoRA, the model's state dict with full fine-tuning)."""
-    return out / "best" / stage
-
-
-def _drop_older_best(out: Path, stage: str, epoch: int) -> None:
-    """Delete best-epoch files older than ``epoch`` (the best recorded in a complete checkpoint:
-    a resume never goes back before it, so they cannot be needed again)."""
-    for f in best_dir(out, stage).glob("epoch*.pt"):
-        if int(f.stem[5:]) < epoch:
-            f.unlink()
-
-
-# --------------------------------------------------------------------------------------------------
 # Output directory
 # --------------------------------------------------------------------------------------------------
 def prepare_output_dir(cfg: TrainConfig, rank: int) -> Path:
@@ -202,7 +152,8 @@ def prepare_output_dir(cfg: TrainConfig, rank: int) -> Path:
             now = cfg.to_dict()
             # a field added since that run was written counts as its default there
             default = TrainConfig.__dataclass_fields__
-            diff = sorted(k for k in now if k not in RESUMABLE_FIELDS
+            free = TrainConfig.resumable_fields()
+            diff = sorted(k for k in now if k not in free
                           and before.get(k, default[k].default) != now[k])
             if diff:
                 raise ConfigError(f"--resume: the flags differ from the run in {out} in {diff}: "
@@ -214,7 +165,7 @@ def prepare_output_dir(cfg: TrainConfig, rank: int) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# One training stage
+# One training stage: set-up
 # --------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Stage:
@@ -228,121 +179,92 @@ class Stage:
     """Write output_dir/final (the merged model) at the end."""
 
 
-def _adapter_state(full_sd: dict[str, torch.Tensor], adapter: str) -> dict[str, torch.Tensor]:
-    """The PEFT adapter state dict (keys without the adapter name) from RuleDistillModule
-    parameter names (a gathered subset or a consolidated state dict)."""
-    out = {}
-    marker = f".{adapter}."
-    for key, value in full_sd.items():
-        if key.startswith("model.") and "lora_" in key and marker in key:
-            out[key[len("model."):].replace(marker, ".")] = value.detach().clone()
-    return out
+@dataclasses.dataclass
+class StageRun:
+    """Everything a stage's loop reads, built once by :func:`setup_stage`."""
+
+    stage: Stage
+    out: Path
+    rank: int
+    world: int
+    model: Any
+    tokenizer: Any
+    module: RuleDistillModule
+    engine: Any
+    data: EncodedDataset
+    schedule: list[list[tuple[int, float]]]
+    val_data: EncodedDataset | None
+    frozen: list[float]
+    """Fingerprint of the frozen weights (checkpoints omit them; a resume checks it)."""
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.stage.cfg
+
+    @property
+    def total(self) -> int:
+        return len(self.schedule)
+
+    @property
+    def per_epoch(self) -> int:
+        return steps_per_epoch(len(self.data), self.cfg, self.world)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints" / self.stage.name
+
+    @property
+    def val_side(self) -> str:
+        """Validation reads the sequences the trained model is used with."""
+        return "teacher" if self.cfg.method == "inst_tune_rule" else "student"
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def batch(self, entries: list[tuple[int, float]], data: EncodedDataset | None = None) -> Batch:
+        """The micro-batch of ``(example index, weight)`` entries of ``data`` (the training set
+        by default), on the engine's device — the one place batches are moved."""
+        data = self.data if data is None else data
+        prefix = data.rule_prefix_len if data is self.data and self.module.prefix is not None else 0
+        ids = [i for i, _ in entries]
+        b = collate([data[i] for i in ids], self.pad_id, prefix_len=prefix, example_ids=ids,
+                    weights=[w for _, w in entries])
+        return b.to(eng.device_of(self.engine))
 
 
-def _student_adapter(engine: Any) -> dict[str, torch.Tensor] | None:
-    """The student adapter's PEFT state dict on rank 0 (``None`` elsewhere), gathering only the
-    adapter's parameters, not the model. Call on every rank."""
-    got = eng.gathered_params(engine, lambda n: "lora_" in n and f".{STUDENT}." in n)
-    return None if got is None else _adapter_state(got, STUDENT)
+def build_module(cfg: TrainConfig, model: Any, data: EncodedDataset, stage: str
+                 ) -> RuleDistillModule:
+    """The teacher/student module with the caches the configuration asks for."""
+    use_prefix = cfg.prefix_cache and cfg.distill and data.rule_prefix_len > 0
+    use_targets = cfg.teacher_cache and cfg.distill and cfg.teacher_mode != "live"
+    targets = TeacherTargets(int(cfg.teacher_cache_gb * 2**30), eng.any_rank,
+                             eng.all_gather_rows) if use_targets else None
+    module = RuleDistillModule(model, cfg.method, cfg.teacher_mode, loss=cfg.loss,
+                               rule_prefix_ids=data.rule_prefix_ids if use_prefix else None,
+                               targets=targets, interleave=cfg.interleave and cfg.distill)
+    if cfg.distill:
+        log.info("[%s] teacher: rule-prefix cache %s, teacher-target cache %s, passes %s", stage,
+                 f"on ({data.rule_prefix_len} tokens)" if use_prefix else "off",
+                 "on" if use_targets else "off (live teacher)" if cfg.teacher_cache else "off",
+                 "layer-interleaved" if module.interleave else
+                 "sequential (interleaving does not reproduce this decoder)" if cfg.interleave
+                 else "sequential")
+    return module
 
 
-def _export_state(engine: Any, cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
-    """What an export is made of, on rank 0 (``None`` elsewhere; call on every rank): the student
-    adapter (LoRA) or the consolidated state dict of the model's parameters (full)."""
-    if cfg.finetune == "lora":
-        return _student_adapter(engine)
-    full_sd = eng.consolidated_state_dict(engine)
-    return None if full_sd is None else {k: v for k, v in full_sd.items() if k.startswith("model.")}
-
-
-def _export(stage: Stage, engine: Any, model: Any, tokenizer: Any, out: Path, rank: int,
-            best: Path | None = None) -> None:
-    """Gather what is exported (every rank) and write the adapter / final model (rank 0). LoRA
-    gathers only the adapter; full fine-tuning consolidates the model, and only for ``final/``.
-    ``best``: export the weights saved there (``select_best``) instead of the current ones."""
+def setup_stage(stage: Stage, out: Path, rank: int, world: int) -> StageRun:
+    """Load the model and data, build the module and the DeepSpeed engine."""
     cfg = stage.cfg
-    write_final = stage.final and cfg.save_model != "off"
-    if stage.export_adapter is None and not write_final:
-        return  # nothing to export (an adapter is exported only with LoRA, see TrainConfig)
-    if best is not None:
-        saved = torch.load(best, map_location="cpu", weights_only=True) if rank == 0 else None
-    else:
-        saved = _export_state(engine, cfg)
-    if stage.export_adapter is not None:
-        if rank == 0:
-            from safetensors.torch import save_file
-
-            atomic_write(stage.export_adapter, lambda tmp: save_file(saved, str(tmp)))
-        eng.barrier()
-    if not write_final:
-        return
-    if rank == 0:
-        final = out / "final"
-
-        def build(tmp: Path) -> None:
-            if cfg.finetune == "lora":
-                from peft import set_peft_model_state_dict
-
-                base, _ = load_model(cfg.model, dtype=cfg.torch_dtype, seed=cfg.seed)
-                if cfg.save_model == "adapter":  # before add_lora: the base model's own names
-                    write_adapter_manifest(tmp, cfg.model, cfg.seed, base, f"adapter/{STUDENT}")
-                fresh = add_lora(base, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
-                set_peft_model_state_dict(fresh, saved, adapter_name=STUDENT)
-                fresh.save_pretrained(tmp / "adapter", selected_adapters=[STUDENT])
-                if cfg.save_model == "merged":
-                    fresh.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
-            else:
-                state = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}
-                causal_lm(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-
-        replace_dir(final, build)
-        log.info("final %s written to %s", "adapter (merged into its base model when loaded)"
-                 if cfg.save_model == "adapter" else "model", final)
-    eng.barrier()
-
-
-def check_resume(cfg: TrainConfig, ckpt_dir: Path, world: int) -> None:
-    """A run resumes on any number of ranks, but only with the global batch it was written with:
-    the data order, the loss normalisation and the learning-rate schedule all depend on it."""
-    found = eng.checkpoint_info(ckpt_dir)
-    if found is None:
-        return
-    tag, state = found
-    now = cfg.global_batch(world)
-    before = state.get("global_batch")
-    if before is None:
-        if state["world_size"] not in (None, world):
-            raise ConfigError(f"{ckpt_dir}/{tag} does not record its global batch, so it resumes "
-                              f"only on the {state['world_size']} ranks that wrote it")
-        return
-    if before != now:
-        need = before / (world * cfg.micro_batch_size)
-        hint = (f"--grad_accum {int(need)}" if need == int(need) and need >= 1 else
-                "a micro_batch_size and grad_accum whose product with the world size is "
-                f"{before}")
-        raise ConfigError(
-            f"{ckpt_dir}/{tag} was written with a global batch of {before} "
-            f"({state['world_size']} ranks); this run's is {now} ({world} ranks × grad_accum "
-            f"{cfg.grad_accum} × micro_batch_size {cfg.micro_batch_size}): resume with {hint}")
-    if state["world_size"] != world:
-        log.info("resuming %s (written by %s ranks) on %d ranks: converting it to DeepSpeed's "
-                 "universal checkpoint", tag, state["world_size"], world)
-
-
-def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
-    cfg = stage.cfg
-    ckpt_dir = out / "checkpoints" / stage.name
-    done_marker = ckpt_dir / "DONE"
-    if done_marker.is_file() and (stage.export_adapter is None or stage.export_adapter.is_file()):
-        log.info("stage %s already complete", stage.name)
-        return
     if cfg.resume:
-        check_resume(cfg, ckpt_dir, world)
+        ckpt.check_resume(cfg, out / "checkpoints" / stage.name, world)
     model, tokenizer = load_model(cfg.model, dtype=cfg.torch_dtype, seed=cfg.seed)
+    report = inspect_model(model)  # a family rdcore cannot distil exactly stops here
+    log.info("[%s] model %s", stage.name, describe(report))
     if cfg.finetune == "lora":
-        model = add_lora(model, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
-                         stage.teacher_state)
+        config = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, report.lora_targets)
+        model = add_lora(model, config, stage.teacher_state)
     # train mode explicitly: from_pretrained returns eval mode (PEFT switches it back, a full
     # fine-tune would keep it: any dropout of the architecture off); the teacher pass and
     # validation switch to eval mode themselves
@@ -351,32 +273,18 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
     log.info("[%s] %s, %s: %d examples, rule prefix %d tokens, template %s", stage.name,
              cfg.method, cfg.finetune, len(data), data.rule_prefix_len, cfg.template)
     schedule = step_schedule(len(data), cfg, world)
-    total = len(schedule)
-    per_epoch = steps_per_epoch(len(data), cfg, world)
-    val_data, val_side = None, "teacher" if cfg.method == "inst_tune_rule" else "student"
-    if cfg.select_best:
-        val_data = build_data(cfg, tokenizer, "valid")
-        log.info("[%s] select_best: validation CE on %d examples (%s side) after each of the "
-                 "epochs (%d steps each)", stage.name, len(val_data), val_side, per_epoch)
-    use_prefix = cfg.prefix_cache and cfg.distill and data.rule_prefix_len > 0
-    use_targets = cfg.teacher_cache and cfg.distill and cfg.teacher_mode != "live"
-    use_interleave = cfg.interleave and cfg.distill and interleavable(model)
-    module = RuleDistillModule(
-        model, cfg.method, cfg.teacher_mode, cfg.temperature, cfg.beta, cfg.alpha,
-        rule_prefix_ids=data.rule_prefix_ids if use_prefix else None,
-        teacher_cache_bytes=int(cfg.teacher_cache_gb * 2**30) if use_targets else 0,
-        interleave=use_interleave)
-    if cfg.distill:
-        log.info("[%s] teacher: rule-prefix cache %s, teacher-target cache %s, passes %s",
-                 stage.name, f"on ({data.rule_prefix_len} tokens)" if use_prefix else "off",
-                 "on" if use_targets else "off (live teacher)" if cfg.teacher_cache else "off",
-                 "layer-interleaved" if use_interleave else
-                 "sequential (not a Llama model)" if cfg.interleave else "sequential")
-    lm = causal_lm(model)
+    val_data = build_data(cfg, tokenizer, "valid") if cfg.select_best else None
+    module = build_module(cfg, model, data, stage.name)
     frozen = eng.frozen_fingerprint(model)  # checkpoints omit frozen weights: resume checks them
-    engine = eng.build_engine(module, cfg, world, lr_lambda_for(cfg, total),
-                              hidden_size=lm.config.hidden_size,
-                              layer_numel=sum(p.numel() for p in lm.model.layers[0].parameters()))
+    layer = decoder_layers(model)[0]
+    engine = eng.build_engine(module, cfg, world, lr_lambda_for(cfg, len(schedule)),
+                              hidden_size=causal_lm(model).config.hidden_size,
+                              layer_numel=sum(p.numel() for p in layer.parameters()))
+    run = StageRun(stage, out, rank, world, model, tokenizer, module, engine, data, schedule,
+                   val_data, frozen)
+    if val_data is not None:
+        log.info("[%s] select_best: validation CE on %d examples (%s side) after each of the "
+                 "epochs (%d steps each)", stage.name, len(val_data), run.val_side, run.per_epoch)
     shard = eng.partition_stats(engine.module)
     trainable = sum(p.numel() if not hasattr(p, "ds_numel") else p.ds_numel
                     for p in engine.module.parameters() if p.requires_grad)
@@ -390,166 +298,126 @@ def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
     # whatever the caches held. A resumed run then restores its checkpoint's random state.
     # Each rank draws its own dropout masks.
     torch.manual_seed(cfg.seed * 7919 + 101 * rank + (1 if stage.name == "stage1" else 0))
-    start = 0
-    best_val, best_epoch = math.inf, 0  # select_best: the lowest validation CE so far, its epoch
-    state = eng.load_checkpoint(engine, ckpt_dir, frozen) if cfg.resume else None
-    if state is not None:
-        start = int(state["step"])
-        best_val, best_epoch = state.get("best_val_loss", math.inf), state.get("best_epoch", 0)
-        log.info("[%s] resumed from %s at step %d/%d", stage.name, ckpt_dir, start, total)
-    metrics_path = out / "metrics.jsonl"
-    if rank == 0 and metrics_path.exists():  # drop rows past the checkpoint we resume from
-        rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-        keep = [r for r in rows if r.get("stage") != stage.name or r["step"] <= start]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    writer = None
-    if rank == 0 and cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
+    return run
 
-        writer = SummaryWriter(str(out / "tensorboard" / stage.name))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    bar = None
-    if rank == 0:
-        from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=start, desc=stage.name, unit="step", dynamic_ncols=True)
+# --------------------------------------------------------------------------------------------------
+# One training stage: the step, the end of an epoch, the loop
+# --------------------------------------------------------------------------------------------------
+def train_step(run: StageRun, step: int) -> dict[str, Any]:
+    """One optimizer step (``grad_accum`` micro-batches on every rank): its metrics row."""
+    cfg, engine, module = run.cfg, run.engine, run.module
+    global_batch = run.schedule[step]
+    tokens = sum(run.data[i].response_len for i, w in global_batch if w > 0)
+    scale = run.world * cfg.grad_accum / max(tokens, 1)
+    work, comm, t0 = dataclasses.replace(module.work), eng.comm_bytes(), time.perf_counter()
+    sums: dict[str, torch.Tensor] = {}
+    positions = 0
+    for entries in micro_batches(global_batch, cfg, run.world, run.rank):
+        batch = run.batch(entries)
+        side = "teacher" if cfg.method == "inst_tune_rule" else "student"
+        positions += batch.side(side).input_ids.numel()
+        loss, stats = engine(batch, scale)
+        if eng.any_rank(not bool(torch.isfinite(loss))):
+            kept = eng.latest_complete(run.ckpt_dir) if run.ckpt_dir.is_dir() else None
+            raise TrainingError(f"[{run.stage.name}] non-finite loss at step {step + 1}; stopped "
+                                f"before the update. Last good checkpoint: "
+                                f"{run.ckpt_dir / kept if kept else 'none'}")
+        engine.backward(loss)
+        engine.step()
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0) + v.float()
+    module.after_optimizer_step()
+    keys = sorted(sums)
+    reduced = dict(zip(keys, eng.all_reduce_sum([float(sums[k]) for k in keys])))
+    terms = {k: v / max(tokens, 1) for k, v in reduced.items()}
+    row = {"stage": run.stage.name, "step": step + 1, "loss": module.total_loss(terms), **terms,
+           "tokens": tokens, "lr": engine.get_lr()[0], "step_time_s": time.perf_counter() - t0}
+    # this rank's work: token positions with gradients this step (padding included), the
+    # teacher's (forward only), the teacher counters so far, peak memory, this step's traffic
+    row["rank0_student_positions"] = positions
+    if cfg.distill:
+        now = module.work
+        row["rank0_teacher_positions"] = now.tokens - work.tokens
+        row.update({"rank0_teacher_passes": now.passes, "rank0_teacher_cached": now.cached,
+                    "rank0_teacher_tokens": now.tokens, "rank0_prefix_builds": now.prefix_builds})
+    row["rank0_peak_mem_mib"] = eng.peak_memory_mib()
+    for op, volume in eng.comm_bytes().items():
+        row[f"rank0_comm_{op}_bytes"] = volume - comm.get(op, 0)
+    return row
 
-    def checkpoint(at: int) -> None:
-        state = {"step": at, "world_size": world, "global_batch": cfg.global_batch(world),
-                 "frozen_fingerprint": frozen}
-        if cfg.select_best and best_epoch:
-            state.update(best_val_loss=best_val, best_epoch=best_epoch)
-        eng.save_checkpoint(engine, ckpt_dir, at, state,
-                            (lambda: _student_adapter(engine)) if cfg.finetune == "lora" else None,
-                            keep=cfg.keep_checkpoints)
-        if rank == 0 and best_epoch:
-            _drop_older_best(out, stage.name, best_epoch)
 
-    for step in range(start, total):
-        global_batch = schedule[step]
-        global_tokens = sum(data[i].response_len for i, w in global_batch if w > 0)
-        scale = world * cfg.grad_accum / max(global_tokens, 1)
-        sums: dict[str, float] = {}
-        student_positions = 0
-        teacher_before = module.counters["teacher_tokens"]
-        comm_before = eng.comm_bytes()
-        t0 = time.perf_counter()
-        if module.prefix is not None and cfg.teacher_mode == "live":
-            module.prefix.invalidate()  # the weights changed: recompute the prefix once this step
-        for mb in micro_batches(global_batch, cfg, world, rank):
-            ids = [i for i, _ in mb]
-            batch = collate([data[i] for i in ids], pad_id,
-                            prefix_len=data.rule_prefix_len if use_prefix else 0)
-            batch["example_ids"] = torch.tensor(ids, dtype=torch.long)
-            batch["rows_per_example"] = torch.tensor([data[i].response_len for i in ids])
-            row_w = torch.cat([torch.full((data[i].response_len,), w) for i, w in mb])
-            student_positions += batch["student_input_ids" if cfg.method != "inst_tune_rule"
-                                       else "teacher_input_ids"].numel()
-            if module.targets is not None:  # skip the teacher only if every rank can (ZeRO-3)
-                module.teacher_from_cache = not eng.any_rank(not module.targets.has_all(ids))
-            loss, stats = engine(batch, row_w, scale)
-            if module.last_targets is not None and world > 1:  # share what this pass computed
-                for shared in eng.all_gather_rows(*module.last_targets):
-                    module.targets.put(*shared)
-            if eng.any_rank(not bool(torch.isfinite(loss))):
-                kept = eng.latest_complete(ckpt_dir) if ckpt_dir.is_dir() else None
-                raise TrainingError(f"[{stage.name}] non-finite loss at step {step + 1}; stopped "
-                                    f"before the update. Last good checkpoint: "
-                                    f"{ckpt_dir / kept if kept else 'none'}")
-            engine.backward(loss)
-            engine.step()
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        keys = sorted(sums)
-        reduced = dict(zip(keys, eng.all_reduce_sum([sums[k] for k in keys])))
-        terms = {k: v / max(global_tokens, 1) for k, v in reduced.items()}
-        total_loss = (terms.get("kl", 0.0) + cfg.beta * terms.get("hidden_mse", 0.0)
-                      + (cfg.alpha if cfg.distill else 1.0) * terms.get("ce", 0.0))
-        row = {"stage": stage.name, "step": step + 1, "loss": total_loss, **terms,
-               "tokens": global_tokens, "lr": engine.get_lr()[0],
-               "step_time_s": time.perf_counter() - t0}
-        # this rank's work: token positions with gradients this step (padding included), the
-        # teacher's (forward only), the teacher counters so far, peak memory
-        row["rank0_student_positions"] = student_positions
-        if cfg.distill:
-            row["rank0_teacher_positions"] = module.counters["teacher_tokens"] - teacher_before
-            row.update({f"rank0_{k}": v for k, v in module.counters.items()})
-        row["rank0_peak_mem_mib"] = eng.peak_memory_mib()
-        comm_after = eng.comm_bytes()  # with DeepSpeed's comms_logger on: this step's traffic
-        for op, volume in comm_after.items():
-            row[f"rank0_comm_{op}_bytes"] = volume - comm_before.get(op, 0)
-        if val_data is not None and ((step + 1) % per_epoch == 0 or step + 1 == total):
-            epoch = -(-(step + 1) // per_epoch)
-            val = validation_loss(engine, module, val_data, val_side, cfg, world, rank, pad_id)
-            if not math.isfinite(val):
-                raise TrainingError(f"[{stage.name}] non-finite validation loss after epoch "
-                                    f"{epoch}")
-            if val < best_val:  # keep this epoch's weights (every rank gathers, rank 0 writes)
-                best_val, best_epoch = val, epoch
-                saved = _export_state(engine, cfg)
-                if rank == 0:
-                    path = best_dir(out, stage.name) / f"epoch{epoch}.pt"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    atomic_write(path, lambda tmp, sd=saved: torch.save(sd, tmp))
-                eng.barrier()
-            row.update(epoch=epoch, val_loss=val, best_val_loss=best_val, best_epoch=best_epoch)
-            log.info("[%s] epoch %d: validation CE %.4f (best %.4f, epoch %d)", stage.name, epoch,
-                     val, best_val, best_epoch)
-        if rank == 0:
-            with metrics_path.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            if writer is not None:
-                for k in ("loss", "kl", "hidden_mse", "ce", "lr", "step_time_s"):
-                    if k in row:
-                        writer.add_scalar(f"train/{k}", row[k], step + 1)
-            bar.set_postfix(loss=f"{total_loss:.4g}", tok=global_tokens)
-            bar.update(1)
-            bar.clear()
-            log.info("[%s] step %d/%d | loss %.4f | %s | %d tok | %.2fs", stage.name, step + 1,
-                     total, total_loss, " ".join(f"{k} {v:.4g}" for k, v in terms.items()),
-                     global_tokens, row["step_time_s"])
-        if cfg.stop_at_step and step + 1 == cfg.stop_at_step and step + 1 < total:
-            checkpoint(step + 1)
+def validation_loss(run: StageRun) -> float:
+    """Mean token cross-entropy of the current weights on the validation data, reading the
+    sequences of :attr:`StageRun.val_side`. No gradients, eval mode (no dropout), no random
+    numbers drawn, so training goes on exactly as without validation. Every rank runs the same
+    number of forwards (ZeRO-3 gathers collectively); the last batch is filled with weight-0
+    repeats, as in training."""
+    data, cfg = run.val_data, run.cfg
+    ce_sum = 0.0
+    with eval_mode(run.module), torch.no_grad():
+        for entries in filled_batches(list(range(len(data))), run.world * cfg.micro_batch_size):
+            (mb,) = micro_batches(entries, cfg, run.world, run.rank, grad_accum=1)
+            _, stats = run.engine(run.batch(mb, data), 1.0, ce_side=run.val_side)
+            ce_sum += float(stats["ce"])
+    (total,) = eng.all_reduce_sum([ce_sum])
+    return total / sum(data[i].response_len for i in range(len(data)))
+
+
+def end_of_epoch(run: StageRun, step: int, best: ckpt.Best, row: dict[str, Any]) -> ckpt.Best:
+    """``select_best``: the validation CE after the epoch ending at ``step`` (added to ``row``);
+    a new best epoch's weights are kept. Returns the best so far."""
+    epoch = -(-(step + 1) // run.per_epoch)
+    val = validation_loss(run)
+    if not math.isfinite(val):
+        raise TrainingError(f"[{run.stage.name}] non-finite validation loss after epoch {epoch}")
+    if val < best.loss:
+        best = ckpt.Best(val, epoch)
+        ckpt.save_best(run, epoch)
+    row.update(epoch=epoch, val_loss=val, best_val_loss=best.loss, best_epoch=best.epoch)
+    log.info("[%s] epoch %d: validation CE %.4f (best %.4f, epoch %d)", run.stage.name, epoch,
+             val, best.loss, best.epoch)
+    return best
+
+
+def run_stage(stage: Stage, out: Path, rank: int, world: int) -> None:
+    """Set up, loop over the steps (resuming where a checkpoint left off), finish."""
+    if ckpt.stage_complete(stage, out):
+        log.info("stage %s already complete", stage.name)
+        return
+    run = setup_stage(stage, out, rank, world)
+    start, best = ckpt.resume(run)
+    cfg = run.cfg
+    metrics = MetricsLog(out, stage.name, rank, total=run.total, start=start,
+                         tensorboard=cfg.tensorboard)
+    for step in range(start, run.total):
+        row = train_step(run, step)
+        if run.val_data is not None and ((step + 1) % run.per_epoch == 0 or step + 1 == run.total):
+            best = end_of_epoch(run, step, best, row)
+        metrics.write(row)
+        if cfg.stop_at_step and step + 1 == cfg.stop_at_step and step + 1 < run.total:
+            ckpt.save(run, step + 1, best)
             log.info("stopping after step %d as asked (--stop_at_step); rerun with --resume on",
                      step + 1)
             raise SystemExit(0)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            checkpoint(step + 1)
-    if bar is not None:
-        bar.close()
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < run.total:
+            ckpt.save(run, step + 1, best)
+    metrics.close()
     if cfg.distill:
-        c = module.counters
+        w = run.module.work
         log.info("[%s] teacher on rank %d: %d passes run, %d taken from the teacher-target cache, "
-                 "%d token positions, rule prefix computed %d times", stage.name, rank,
-                 c["teacher_passes"], c["teacher_cached"], c["teacher_tokens"], c["prefix_builds"])
-    if writer is not None:
-        writer.close()
-    if start < total:
-        checkpoint(total)
-    best = None
-    if cfg.select_best:
-        if not best_epoch:
-            raise TrainingError(f"[{stage.name}] select_best: no validation result recorded")
-        best = best_dir(out, stage.name) / f"epoch{best_epoch}.pt"
-        log.info("[%s] exporting epoch %d of %d (lowest validation CE, %.4f)", stage.name,
-                 best_epoch, -(-total // per_epoch), best_val)
-    _export(stage, engine, model, tokenizer, out, rank, best)
-    if rank == 0:
-        done_marker.write_text(f"{total}\n")
-    eng.barrier()
+                 "%d token positions, rule prefix computed %d times", stage.name, rank, w.passes,
+                 w.cached, w.tokens, w.prefix_builds)
+    if start < run.total:
+        ckpt.save(run, run.total, best)
+    ckpt.finish(run, best)
 
 
-def main(argv: list[str] | None = None) -> int:
-    # ---- parse ---------------------------------------------------------------------------------
-    cfg = config_from_args(argv)
-    rank, world = eng.init_distributed()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank{rank}] %(message)s")
-    out = prepare_output_dir(cfg, rank)
-    torch.manual_seed(cfg.seed)
-    t_start = time.perf_counter()
-
-    # ---- build and loop (one or two stages) ----------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+def run(cfg: TrainConfig, out: Path, rank: int, world: int) -> None:
+    """The stages of ``cfg.method`` (two for Rule-Distill-Enhanced)."""
     if cfg.method == "rule_distill_enhanced":
         stage1_cfg = dataclasses.replace(cfg, method="inst_tune_rule",
                                          epochs=cfg.stage1_epochs or cfg.epochs)
@@ -561,7 +429,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         run_stage(Stage("main", cfg), out, rank, world)
 
-    # ---- close ---------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config_from_args(argv)
+    rank, world = eng.init_distributed()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[rank{rank}] %(message)s")
+    out = prepare_output_dir(cfg, rank)
+    torch.manual_seed(cfg.seed)
+    t_start = time.perf_counter()
+    run(cfg, out, rank, world)
     log.info("done in %.1fs; outputs in %s", time.perf_counter() - t_start, out)
     eng.shutdown()
     return 0

@@ -1,5 +1,4 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +9,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parent.parent  # not put on sys.path: the suite imports the
+# installed rdcore (and rdcore.kernels); the repository's kernels/ folder is not `kernels`
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -198,15 +198,15 @@ def test_collate_indexes_the_positions_that_predict_the_response(tiny_tok, side)
     ds = Encoder(tiny_tok).encode(load_task("math", "train", 8))
     batch = collate(ds.examples[:5], tiny_tok.pad_token_id, padding_side=side)
     for who in ("teacher", "student"):
-        ids = batch[f"{who}_input_ids"].flatten()
-        idx = batch[f"{who}_distill_index"]
-        assert torch.equal(ids[idx + 1], batch["target_ids"])  # position n predicts token n+1
-        mask = batch[f"{who}_attention_mask"]
-        pos = batch[f"{who}_position_ids"]
+        ids = getattr(batch, f"{who}_input_ids").flatten()
+        idx = getattr(batch, f"{who}_distill_index")
+        assert torch.equal(ids[idx + 1], batch.target_ids)  # position n predicts token n+1
+        mask = getattr(batch, f"{who}_attention_mask")
+        pos = getattr(batch, f"{who}_position_ids")
         first_real = mask.argmax(-1)
         assert torch.all(pos.gather(1, first_real[:, None]) == 0)
-    labels = batch["student_labels"]
-    assert torch.equal(labels[labels != -100], batch["target_ids"])
+    labels = batch.student_labels
+    assert torch.equal(labels[labels != -100], batch.target_ids)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -216,9 +216,9 @@ def test_padded_batch_gives_the_same_logits_as_single_examples(tiny, side):
     ds = Encoder(tok).encode(load_task("math", "train", 4))
     batch = collate(ds.examples, tok.pad_token_id, padding_side=side)
     with torch.no_grad():
-        out = model(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
-                    position_ids=batch["teacher_position_ids"]).logits
-        rows = out.reshape(-1, out.shape[-1])[batch["teacher_distill_index"]]
+        out = model(input_ids=batch.teacher_input_ids, attention_mask=batch.teacher_attention_mask,
+                    position_ids=batch.teacher_position_ids).logits
+        rows = out.reshape(-1, out.shape[-1])[batch.teacher_distill_index]
         singles = []
         for e in ds:
             lg = model(input_ids=torch.tensor([e.teacher_ids])).logits[0]
@@ -253,3 +253,55 @@ def test_wording_swap_exchanges_the_two_bob_wordings():
     assert swap_rule_wordings(swapped) == test
     with pytest.raises(DataError, match="exactly 2 distinct"):
         swap_rule_wordings(load_task("bob", "train", 128))
+
+
+# ---- any failure to read a user's file is a DataError naming it ------------------------------------
+RULE_ROW = {"rule": "Answer in French.", "input": "Hi", "output": "Salut"}
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"holds no examples"),
+    (b"[]", r"holds no examples"),
+    (b"\n\n  \n", r"holds no examples"),                                # .jsonl: blank lines only
+    (b'[{"rule": "r\xe9gle", "input": "i", "output": "o"}]', r"line 1: not UTF-8 text"),
+    (b"[" * 100_000 + b"]" * 100_000, r"nested too deeply|malformed JSON"),
+    (b'{"rule": "r", "input": "i", "output": "o"}\n{"rule": "r",}', r"line 2: malformed JSON"),
+])
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_unreadable_files_name_the_file(tmp_path, content, message, suffix):
+    if suffix == ".json" and b"\n{" in content:
+        content = content.split(b"\n")[1]  # the same defect in a JSON file
+        message = "malformed JSON"
+    if suffix == ".jsonl" and content == b"[]":
+        message = "row 0: expected an object"  # a line holding a list, not a row
+    path = tmp_path / f"mine{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=str(path.name).replace(".", r"\.") + ".*" + message):
+        load_rule_file(path)
+
+
+def test_a_folder_or_a_missing_file_is_named(tmp_path):
+    with pytest.raises(DataError, match="mine.json: no such file"):
+        load_rule_file(tmp_path / "mine.json")
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(DataError, match=r"dir\.json: not a file"):
+        load_rule_file(tmp_path / "dir.json")
+
+
+def test_unusual_but_valid_files_load(tmp_path, tiny_tok):
+    """A byte-order mark, CRLF line ends, blank lines, non-ASCII text and several rules in one
+    file are all fine."""
+    rows = [dict(RULE_ROW, input="Wie geht's? ¿Qué tal? 你好"),
+            {"rule": "Réponds toujours poliment — s'il te plaît.", "input": "Ça va ?",
+             "output": "Très bien, merci ! 😊", "context": "Tu es un assistant."},
+            dict(RULE_ROW, input="Bye")]
+    text = "\r\n\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n\r\n"
+    path = tmp_path / "mine.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    got = load_rule_file(path)
+    assert [r.input for r in got] == [r["input"] for r in rows] and got[1].output.endswith("😊")
+    data = Encoder(tiny_tok).encode(got)
+    assert data.distinct_rules == 2 and len(data) == 3
+    listed = tmp_path / "mine.json"
+    listed.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, ensure_ascii=False).encode("utf-8"))
+    assert [r.input for r in load_rule_file(listed)] == [r["input"] for r in rows]

@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from rdcore import ConfigError
-from rdcore.config import TrainConfig, config_from_args
+from rdcore.architecture import causal_lm
+from rdcore.config import LossWeights, TrainConfig, config_from_args
 from rdcore.data import Encoder, collate, load_task
 from rdcore.distill import (
     STUDENT,
     TEACHER,
     RuleDistillModule,
     add_lora,
-    causal_lm,
     lora_config,
     teacher_adapter,
 )
@@ -25,17 +25,17 @@ from rdcore.models import load_model
 def batch_of(tok, n=3):
     data = Encoder(tok).encode(load_task("math", "train", 8))
     exs = data.examples[:n]
-    return collate(exs, tok.pad_token_id), torch.ones(sum(e.response_len for e in exs))
+    return collate(exs, tok.pad_token_id)
 
 
 def reference_loss(model, batch, beta, T):
     """Paper's loss on full logits (fixed off-by-one), summed over distilled rows."""
     with torch.no_grad():
-        t = model(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
-                  position_ids=batch["teacher_position_ids"], output_hidden_states=True)
-    s = model(input_ids=batch["student_input_ids"], attention_mask=batch["student_attention_mask"],
-              position_ids=batch["student_position_ids"], output_hidden_states=True)
-    ti, si = batch["teacher_distill_index"], batch["student_distill_index"]
+        t = model(input_ids=batch.teacher_input_ids, attention_mask=batch.teacher_attention_mask,
+                  position_ids=batch.teacher_position_ids, output_hidden_states=True)
+    s = model(input_ids=batch.student_input_ids, attention_mask=batch.student_attention_mask,
+              position_ids=batch.student_position_ids, output_hidden_states=True)
+    ti, si = batch.teacher_distill_index, batch.student_distill_index
     tl = t.logits.reshape(-1, t.logits.shape[-1])[ti] / T
     sl = s.logits.reshape(-1, s.logits.shape[-1])[si] / T
     kl = (F.softmax(tl, -1) * (F.log_softmax(tl, -1) - F.log_softmax(sl, -1))).sum() * T * T
@@ -50,9 +50,10 @@ def reference_loss(model, batch, beta, T):
 
 def test_full_mode_loss_and_gradients_match_full_logits(tiny):
     model, tok = load_model("tiny", seed=5)
-    batch, w = batch_of(tok)
-    module = RuleDistillModule(model, "rule_distill_base", "live", temperature=1.5, beta=7.0)
-    loss, stats = module(batch, w, 1.0)
+    batch = batch_of(tok)
+    module = RuleDistillModule(model, "rule_distill_base", "live",
+                               loss=LossWeights(temperature=1.5, beta=7.0))
+    loss, stats = module(batch, 1.0)
     loss.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -66,14 +67,14 @@ def test_full_mode_loss_and_gradients_match_full_logits(tiny):
 
 def test_zero_weight_rows_do_not_count(tiny):
     model, tok = tiny
-    batch, w = batch_of(tok)
-    module = RuleDistillModule(model, "rule_distill_base", "live", alpha=0.3)
-    w[:2] = 0
-    _, stats = module(batch, w, 1.0)
+    batch = batch_of(tok)
+    module = RuleDistillModule(model, "rule_distill_base", "live", loss=LossWeights(alpha=0.3))
+    batch.row_weight[:2] = 0
+    _, stats = module(batch, 1.0)
     kept = {k: v.clone() for k, v in stats.items()}
-    batch["target_ids"] = batch["target_ids"].clone()
-    batch["target_ids"][:2] = 0  # the dropped rows' targets must not matter either
-    _, again = module(batch, w, 1.0)
+    batch.target_ids = batch.target_ids.clone()
+    batch.target_ids[:2] = 0  # the dropped rows' targets must not matter either
+    _, again = module(batch, 1.0)
     for k in kept:
         torch.testing.assert_close(kept[k], again[k])
 

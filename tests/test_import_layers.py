@@ -59,3 +59,33 @@ def test_checker_sees_violations(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import numpy\nfrom deepspeed import comm\nimport os\n")
     assert imports_of(bad) - STDLIB == {"numpy", "deepspeed"}
+
+
+def test_kernels_never_import_rdcore():
+    """kernels/ is installed as rdcore.kernels but sits below it: it imports only torch, triton
+    and its own modules (relatively)."""
+    for f in files("kernels"):
+        assert "rdcore" not in imports_of(f), f"{f.relative_to(ROOT)} imports rdcore"
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int]]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > limit]
+
+
+def test_no_function_in_rdcore_is_longer_than_80_lines():
+    """A function one reads in one pass (the trainer's loop was once a 207-line run_stage)."""
+    for package in ("rdcore", "kernels"):
+        for f in files(package):
+            assert not long_functions(f), f"{f.relative_to(ROOT)}: {long_functions(f)}"
+
+
+def test_length_check_sees_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f"def f():\n{body}\n")
+    assert long_functions(tmp_path / "long.py") == [("f", MAX_FUNCTION_LINES + 1)]

@@ -16,6 +16,20 @@ def test_offline_switches_are_set():
         assert os.environ[var] == "1"
 
 
+def test_offline_switches_keep_a_users_own_choice():
+    """Importing rdcore sets the offline switches only where they are unset."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    env["HF_HUB_OFFLINE"] = "0"
+    probe = ("import os, rdcore; print(os.environ['HF_HUB_OFFLINE'], "
+             "os.environ['TRANSFORMERS_OFFLINE'])")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         check=True, cwd="/").stdout.split()
+    assert out == ["0", "1"]
+
+
 def test_tiny_is_deterministic(tiny):
     model, tok = tiny
     again, tok2 = load_model("tiny")

@@ -1,10 +1,10 @@
-"""The sweep report's paired difference (bench/paper_table.py) and the per-row scores it reads
-(rdcore.evaluate.row_score), on hand-computed numbers. Fast: no model."""
+"""The sweep report's paired difference (rdcore.stats, used by bench/paper_table.py) and the
+per-row scores it reads (rdcore.evaluate.row_score), on hand-computed numbers. Fast: no model."""
 
 import pytest
 
-from bench.paper_table import paired_difference
 from rdcore.evaluate import VADER_THRESHOLD, row_score
+from rdcore.stats import paired_difference
 
 
 def bob(values: list[float], env_rows: int) -> dict[int, tuple[str, str, float]]:

@@ -4,30 +4,59 @@ distilled-row logits with the cache equal those of the plain teacher pass."""
 import pytest
 import torch
 
+from rdcore.architecture import causal_lm
+from rdcore.config import LossWeights
 from rdcore.data import Encoder, RuleExample, collate, load_task
-from rdcore.distill import RuleDistillModule, causal_lm
+from rdcore.distill import RuleDistillModule, TeacherTargets
 from rdcore.models import load_model
-from rdcore.prefix_attention import PrefixKV, cascade_attention, run_with_prefix
+from rdcore.prefix_attention import (
+    PrefixKV,
+    active,
+    cascade_attention,
+    finish,
+    suffix_rows,
+    teacher_inputs,
+)
 
 DTYPE_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def run_with_prefix(decoder, cache, prefix_ids_P, suffix_ids_BS, suffix_mask_BS, suffix_pos_BS,
+                    packed=True, backend="auto"):
+    """The decoder on the suffixes with the rule prefix in context (building ``cache`` first if
+    it is not valid): every hidden state as [B, S, H]. Under no_grad in eval mode."""
+    ids, pos, state, prefix = teacher_inputs(cache, prefix_ids_P, suffix_ids_BS, suffix_mask_BS,
+                                             suffix_pos_BS, packed, backend)
+    if prefix is not None:
+        with active(prefix[2]):
+            decoder(input_ids=prefix[0], position_ids=prefix[1], use_cache=False)
+        finish(prefix[2], decoder.config.num_hidden_layers)
+    with active(state):
+        out = decoder(input_ids=ids, position_ids=pos, output_hidden_states=True, use_cache=False)
+    finish(state, decoder.config.num_hidden_layers)
+    return tuple(suffix_rows(state, h) for h in out.hidden_states)
+
+
+def nbytes(cache):
+    return sum(t.numel() * t.element_size() for t in (*cache.keys.values(), *cache.values.values()))
 
 
 def plain_teacher(model, batch):
     with torch.no_grad():
         out = causal_lm(model).model(
-            input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
-            position_ids=batch["teacher_position_ids"], output_hidden_states=True, use_cache=False)
-    idx = batch["teacher_distill_index"]
+            input_ids=batch.teacher_input_ids, attention_mask=batch.teacher_attention_mask,
+            position_ids=batch.teacher_position_ids, output_hidden_states=True, use_cache=False)
+    idx = batch.teacher_distill_index
     return [h.reshape(-1, h.shape[-1])[idx] for h in out.hidden_states]
 
 
 def cached_teacher(model, batch, cache, prefix_ids, packed=True):
     with torch.no_grad():
-        _, hidden = run_with_prefix(causal_lm(model).model, cache, torch.tensor(prefix_ids),
-                                    batch["teacher_suffix_input_ids"],
-                                    batch["teacher_suffix_attention_mask"],
-                                    batch["teacher_suffix_position_ids"], packed=packed)
-    idx = batch["teacher_suffix_distill_index"]
+        hidden = run_with_prefix(causal_lm(model).model, cache, torch.tensor(prefix_ids),
+                                 batch.teacher_suffix_input_ids,
+                                 batch.teacher_suffix_attention_mask,
+                                 batch.teacher_suffix_position_ids, packed=packed)
+    idx = batch.teacher_suffix_distill_index
     return [h.reshape(-1, h.shape[-1])[idx] for h in hidden]
 
 
@@ -99,7 +128,7 @@ def test_prefix_memory_does_not_grow_with_batch():
         cache = PrefixKV(data.rule_prefix_len)
         batch = collate(data.examples[:bsz], tok.pad_token_id, prefix_len=data.rule_prefix_len)
         cached_teacher(model, batch, cache, data.rule_prefix_ids)
-        sizes.append(cache.nbytes())
+        sizes.append(nbytes(cache))
         k = cache.keys[0]
         assert k.shape == (model.config.num_key_value_heads, data.rule_prefix_len,
                            model.config.hidden_size // model.config.num_attention_heads)
@@ -172,29 +201,25 @@ def test_module_loss_with_caches_equals_without(mode, interleave):
         model = lora_with_teacher(model, dtype)
     data = Encoder(tok).encode(load_task("math", "train", 8))
     P = data.rule_prefix_len
-    plain = RuleDistillModule(model, "rule_distill_base", mode, beta=5.0)
+    loss = LossWeights(beta=5.0)
+    plain = RuleDistillModule(model, "rule_distill_base", mode, loss=loss)
     variants = {
-        "interleave": RuleDistillModule(model, "rule_distill_base", mode, beta=5.0,
+        "interleave": RuleDistillModule(model, "rule_distill_base", mode, loss=loss,
                                         interleave=interleave),
-        "caches": RuleDistillModule(model, "rule_distill_base", mode, beta=5.0,
+        "caches": RuleDistillModule(model, "rule_distill_base", mode, loss=loss,
                                     rule_prefix_ids=data.rule_prefix_ids, interleave=interleave,
-                                    teacher_cache_bytes=0 if mode == "live" else 2**30),
+                                    targets=None if mode == "live" else TeacherTargets(2**30)),
     }
+    assert variants["interleave"].interleave == interleave  # the probe accepts the tiny Llama
     for start in (0, 3, 0):  # the second batch uses the prefix; the third is fully cached
         exs = data.examples[start: start + 3]
         ids = list(range(start, start + 3))
-        batch = collate(exs, tok.pad_token_id, prefix_len=P, padding_side="left")
-        batch["example_ids"] = torch.tensor(ids)
-        batch["rows_per_example"] = torch.tensor([e.response_len for e in exs])
-        w = torch.ones(sum(e.response_len for e in exs))
-        cached = variants["caches"]
-        if cached.targets is not None:
-            cached.teacher_from_cache = cached.targets.has_all(ids)
+        batch = collate(exs, tok.pad_token_id, prefix_len=P, padding_side="left", example_ids=ids)
         results = []
         for m in (plain, *variants.values()):
             model.zero_grad()
             model.train()
-            loss, _ = m(batch, w, 1.0)
+            loss, _ = m(batch, 1.0)
             loss.backward()
             assert model.training  # the teacher's eval mode was undone
             grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
@@ -205,5 +230,5 @@ def test_module_loss_with_caches_equals_without(mode, interleave):
             for a, b in zip(grads, results[0][1]):
                 torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
     assert variants["caches"].prefix.valid
-    if mode != "live":
-        assert variants["caches"].teacher_from_cache and len(variants["caches"].targets.store) == 6
+    if mode != "live":  # the third batch's teacher came from the cache
+        assert variants["caches"].work.cached == 1 and len(variants["caches"].targets.store) == 6

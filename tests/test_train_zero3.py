@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,8 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    ROOT,
+    assert_same_curve,
+    deepspeed_launcher,
+    free_port,
+    metrics,
+    run_checked,
+    user_env,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 BASE = ["--model", "tiny", "--task", "math", "--shots", "8", "--max_steps", "4",
@@ -22,46 +29,22 @@ BASE = ["--model", "tiny", "--task", "math", "--shots", "8", "--max_steps", "4",
 FULL = ["--method", "rule_distill_base", "--finetune", "full"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def command(out: Path, ranks: int, *flags: str, script: str = "rdcore/train.py") -> list[str]:
-    exe = Path(sys.executable).parent / "deepspeed"
-    launcher = [str(exe)] if exe.exists() else [shutil.which("deepspeed") or "deepspeed"]
     extra = [*BASE, "--output_dir", str(out), *flags] if script == "rdcore/train.py" else list(flags)
-    return [*launcher, "--num_accelerators", str(ranks), "--master_port", str(free_port()), script,
-            *extra]
+    return [*deepspeed_launcher(), "--num_accelerators", str(ranks), "--master_port",
+            str(free_port()), script, *extra]
 
 
 def env() -> dict[str, str]:
-    e = dict(os.environ, PYTHONUNBUFFERED="1")
-    e.pop("TRITON_INTERPRET", None)  # the trainer runs as a user would
-    return e
+    return user_env()
 
 
 def launch(out: Path, ranks: int, *flags: str, check: bool = True, script: str = "rdcore/train.py"
            ) -> subprocess.CompletedProcess:
     cmd = command(out, ranks, *flags, script=script)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def metrics(out: Path, stage: str | None = None) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if stage is None or r["stage"] == stage]
-
-
-def assert_same_curve(a: list[dict], b: list[dict], rel: float, keys=("loss",)) -> None:
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        assert ra["tokens"] == rb["tokens"]
-        for key in keys:
-            assert ra[key] == pytest.approx(rb[key], rel=rel, abs=1e-9), (ra["step"], key)
+    if check:
+        return run_checked(cmd)
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -350,9 +333,8 @@ def test_real_model_on_two_ranks_with_a_cold_cache(tmp_path, monkeypatch):
 def test_no_shared_memory_left_behind(tmp_path):
     """DeepSpeed's CPU all-reduce buffers (~69 MB per rank in /dev/shm) are removed at exit."""
     port = free_port()
-    exe = Path(sys.executable).parent / "deepspeed"
-    launcher = [str(exe)] if exe.exists() else ["deepspeed"]
-    cmd = [*launcher, "--num_accelerators", "2", "--master_port", str(port), "rdcore/train.py",
+    cmd = [*deepspeed_launcher(), "--num_accelerators", "2", "--master_port", str(port),
+           "rdcore/train.py",
            *BASE, *FULL, "--max_steps", "1", "--save_model", "off", "--output_dir", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -470,10 +452,10 @@ def plain_validation_ce(model_dir: Path) -> float:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batch = collate([data[i] for i in range(len(data))], pad)
     with torch.no_grad():
-        return float(model(input_ids=batch["student_input_ids"],
-                           attention_mask=batch["student_attention_mask"],
-                           position_ids=batch["student_position_ids"],
-                           labels=batch["student_labels"]).loss)
+        return float(model(input_ids=batch.student_input_ids,
+                           attention_mask=batch.student_attention_mask,
+                           position_ids=batch.student_position_ids,
+                           labels=batch.student_labels).loss)
 
 
 def validation_rows(out: Path) -> list[dict]:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels.hidden_mse import normalized_hidden_mse
-from kernels.hidden_mse_torch import normalized_hidden_mse_reference
+from rdcore.kernels.hidden_mse import normalized_hidden_mse
+from rdcore.kernels.hidden_mse_torch import normalized_hidden_mse_reference
 
 IMPLS = ["torch", "triton"]
 

@@ -4,17 +4,10 @@ op's error may be no worse than plain PyTorch's at the same dtype plus a small t
 import pytest
 import torch
 
-from kernels import linear_kl, linear_kl_torch
-from kernels.linear_kl import fused_linear_kl
-from kernels.linear_kl_torch import linear_kl_reference
+from rdcore.kernels.linear_kl import fused_linear_kl
+from rdcore.kernels.linear_kl_torch import linear_kl_reference
 
 IMPLS = ["torch", "triton"]
-
-
-def budget_rows(monkeypatch, V, rows):
-    """Force chunks of ``rows`` rows in both paths."""
-    monkeypatch.setattr(linear_kl_torch, "CHUNK_BUDGET_BYTES", 16 * V * rows)
-    monkeypatch.setattr(linear_kl, "CHUNK_BUDGET_BYTES", 10 * V * rows)
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -57,7 +50,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(str(v) for v in c.values()))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_against_fp64_truth(case, dtype, reduction, impl, monkeypatch):
+def test_against_fp64_truth(case, dtype, reduction, impl):
     case = dict(case)
     scale = case.pop("scale", 1.0)
     separate = case.pop("separate", False)
@@ -69,10 +62,10 @@ def test_against_fp64_truth(case, dtype, reduction, impl, monkeypatch):
     mask = torch.rand(N, generator=g) > 0.3
     grad_out = torch.rand(N, dtype=torch.float64) if reduction == "none" else torch.tensor(0.37)
     kw = dict(mask=mask, temperature=1.7, reduction=reduction)
-    budget_rows(monkeypatch, case["V"], 7)  # several chunks, the last one partial
     truth = run(linear_kl_reference, x, xt, w, wt, torch.float64, grad_out, **kw)
-    ours = run(lambda *a, **k: fused_linear_kl(*a, impl=impl, **k), x, xt, w, wt, dtype,
-               grad_out, **kw)
+    # chunks of 7 rows: several chunks, the last one partial
+    ours = run(lambda *a, **k: fused_linear_kl(*a, impl=impl, chunk_rows=7, **k), x, xt, w, wt,
+               dtype, grad_out, **kw)
     torch_same = run(linear_kl_reference, x, xt, w, wt, dtype, grad_out, **kw)
     for name, o, t, p in zip(("value", "dx", "dw"), ours, truth, torch_same):
         assert torch.isfinite(o).all(), name
@@ -91,14 +84,11 @@ def test_all_rows_masked_gives_zero_not_nan(impl):
     assert out.item() == 0 and (xs.grad == 0).all() and (ws.grad == 0).all()
 
 
-def test_real_vocabulary_and_chunking(monkeypatch):
+def test_real_vocabulary_and_chunking():
     x, xt, w, _ = make(12, 16, 50257)
-    budget_rows(monkeypatch, 50257, 5)
-    assert linear_kl_torch.chunk_rows(12, 50257) == 5
-    assert linear_kl.chunk_rows(12, 50257, torch.bfloat16) == 5
     truth = run(linear_kl_reference, x, xt, w, None, torch.float64)
-    ours = run(lambda *a, **k: fused_linear_kl(*a, impl="torch", **k), x, xt, w, None,
-               torch.float32)
+    ours = run(lambda *a, **k: fused_linear_kl(*a, impl="torch", chunk_rows=5, **k), x, xt, w,
+               None, torch.float32)
     for o, t in zip(ours, truth):
         assert err(o, t) < 1e-5
 

@@ -1,0 +1,253 @@
+"""Shared by every op of this package: argument checks, the logit transform, row weights, the
+autograd Functions (each takes the *pass* that computes losses and gradients: the PyTorch one of
+``*_torch.py`` or the Triton one of ``*_triton.py``, handed down by the dispatcher) and the launch
+indirection that lets a test compile every Triton launch for a GPU target without running it.
+
+Nothing here imports the op modules: the dispatchers (``linear_kl.py``, ``hidden_mse.py``) import the
+passes and hand them to these Functions, so no module calls a module above it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+
+Reduction = Literal["mean", "sum", "none"]
+Impl = Literal["auto", "torch", "triton"]
+REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
+IMPLS: tuple[str, ...] = ("auto", "torch", "triton")
+
+
+def interpreting() -> bool:
+    """Triton kernels run on CPU tensors in the interpreter (``TRITON_INTERPRET=1``, set before
+    triton is imported: the CPU tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(impl: str, x: torch.Tensor) -> bool:
+    """``impl`` resolved for tensors like ``x``: "auto" is Triton on CUDA, torch elsewhere."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    wanted = impl == "triton" or (impl == "auto" and x.is_cuda)
+    if wanted and not x.is_cuda and not interpreting() and x.device.type != "meta":
+        raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                         "importing triton, for CPU tests); use impl='torch' on CPU")
+    return wanted
+
+
+# --------------------------------------------------------------------------------------------------
+# The logit transform of a language-model head
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LogitSpec:
+    """How a model turns ``raw = x·Wᵀ (+ b)`` into the logits it samples from, and the
+    distillation temperature::
+
+        z = softcap(scale · raw) / T,     softcap(u) = cap · tanh(u / cap)   (no cap: u)
+
+    ``scale``: Cohere's ``logit_scale``, 1 / Granite's ``logits_scaling``; ``softcap``: Gemma 2's
+    ``final_logit_softcapping``. The derivative of ``z·T`` with respect to ``raw`` is
+    ``scale · (1 − tanh²(scale·raw/cap))``."""
+
+    temperature: float = 1.0
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if not (self.scale > 0 and math.isfinite(self.scale)):
+            raise ValueError(f"logit scale must be a finite number > 0, got {self.scale}")
+        if self.softcap is not None and not (self.softcap > 0 and math.isfinite(self.softcap)):
+            raise ValueError(f"softcap must be a finite number > 0 or None, got {self.softcap}")
+
+    @property
+    def plain(self) -> bool:
+        """``z`` is a multiple of ``raw`` (no softcap)."""
+        return self.softcap is None
+
+
+class KLProblem(NamedTuple):
+    """The operands of one fused linear-KL call (teacher side detached; ``b``/``bt`` optional
+    [V] biases; ``spec`` the shared logit transform)."""
+
+    x: torch.Tensor
+    xt: torch.Tensor
+    w: torch.Tensor
+    wt: torch.Tensor
+    b: torch.Tensor | None
+    bt: torch.Tensor | None
+    spec: LogitSpec
+    chunk_rows: int | None = None
+    """Rows per chunk (``None``: the path chooses from the problem's shape)."""
+
+
+class KLGrads(NamedTuple):
+    """What a pass returns: per-row losses [N] (fp32) and, as asked, dX [N, H] (x's dtype), and
+    fp32 dW [V, H] and db [V] of Σ_n w_n ℓ_n."""
+
+    loss: torch.Tensor
+    dx: torch.Tensor | None
+    dw: torch.Tensor | None
+    db: torch.Tensor | None
+
+
+KLPass = Callable[[KLProblem, torch.Tensor, bool, bool, bool], KLGrads]
+"""``(problem, row_weights [N], want_dx, want_dw, want_db) -> KLGrads``."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Row weights and reductions
+# --------------------------------------------------------------------------------------------------
+def row_weights(mask: torch.Tensor | None, N: int, reduction: str, device: torch.device
+                ) -> torch.Tensor:
+    """w_n of ``Σ_n w_n ℓ_n``: the mask as 0/1, divided by the selected count for "mean"."""
+    w = torch.ones(N, device=device) if mask is None else mask.float()
+    if reduction == "mean":
+        w = w / w.sum().clamp_min(1)
+    return w
+
+
+def reduce_rows(rows_N: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """The reference reduction of per-row values: mean over selected rows (0 when none), sum, or
+    the rows with unselected ones zeroed."""
+    if mask is not None:
+        rows_N = torch.where(mask, rows_N, rows_N.new_zeros(()))
+    if reduction == "none":
+        return rows_N
+    if reduction == "sum":
+        return rows_N.sum()
+    count = rows_N.new_tensor(rows_N.shape[0]) if mask is None else mask.sum()
+    return rows_N.sum() / count.clamp_min(1)
+
+
+def scaled(grad: torch.Tensor | None, grad_out: torch.Tensor) -> torch.Tensor | None:
+    """``grad · grad_out``, skipped when ``grad_out`` is exactly 1 — checked on CPU only: on an
+    accelerator the comparison would be a host synchronisation, which costs more than the scale.
+    In place: the saved gradient is not used again."""
+    if grad is None:
+        return None
+    if grad_out.device.type == "cpu" and bool(grad_out == 1):
+        return grad
+    return grad.mul_(grad_out.to(grad.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd Functions (the pass is an argument: PyTorch or Triton)
+# --------------------------------------------------------------------------------------------------
+class LinearKLFunction(torch.autograd.Function):
+    """Fused linear + KL with either pass.
+
+    "mean"/"sum": the gradients are computed in forward and saved; backward scales them by
+    ``grad_output``. "none": forward computes only the losses; backward re-runs the pass with
+    ``grad_output`` as row weights (a per-row ``grad_output`` cannot be folded into a saved dW)."""
+
+    @staticmethod
+    def forward(ctx, run_pass: KLPass, x, xt, w, wt, b, bt, mask, spec: LogitSpec,
+                reduction: str, chunk_rows: int | None):
+        want = (ctx.needs_input_grad[1], ctx.needs_input_grad[3],
+                b is not None and ctx.needs_input_grad[5])
+        N = x.shape[0]
+        prob = KLProblem(x, xt, w, wt, b, bt, spec, chunk_rows)
+        ctx.run_pass, ctx.reduction, ctx.want = run_pass, reduction, want
+        ctx.spec, ctx.chunk_rows = spec, chunk_rows
+        if reduction == "none":
+            row_w = row_weights(mask, N, "sum", x.device)
+            out = run_pass(prob, row_w, False, False, False)
+            ctx.save_for_backward(x, xt, w, wt, b, bt, row_w)
+            return out.loss * row_w
+        row_w = row_weights(mask, N, reduction, x.device)
+        out = run_pass(prob, row_w, *want)
+        ctx.save_for_backward(out.dx, None if out.dw is None else out.dw.to(w.dtype),
+                              None if out.db is None else out.db.to(b.dtype))
+        return (out.loss * row_w).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.reduction == "none":
+            x, xt, w, wt, b, bt, row_w = ctx.saved_tensors
+            out = ctx.run_pass(KLProblem(x, xt, w, wt, b, bt, ctx.spec, ctx.chunk_rows),
+                               row_w * grad_out.float(), *ctx.want)
+            dx, dw, db = out.dx, out.dw, out.db
+            dw = None if dw is None else dw.to(w.dtype)
+            db = None if db is None else db.to(b.dtype)
+        else:
+            dx, dw, db = (scaled(t, grad_out) for t in ctx.saved_tensors)
+        return None, dx, None, dw, None, db, None, None, None, None, None
+
+
+HiddenPass = Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor, bool],
+                      tuple[torch.Tensor, list[torch.Tensor]]]
+"""``(students, teachers, row_weights [N], want_grad) -> (loss, per-layer gradients)``."""
+
+
+class HiddenMSEFunction(torch.autograd.Function):
+    """Normalised hidden MSE with either pass; gradients computed in forward, backward scales."""
+
+    @staticmethod
+    def forward(ctx, run_pass: HiddenPass, mask, L: int, *states):
+        students, teachers = list(states[:L]), list(states[L:])
+        N = students[0].shape[0]
+        w_N = row_weights(mask, N, "mean", students[0].device)
+        need = any(ctx.needs_input_grad[3:3 + L])
+        loss, grads = run_pass(students, teachers, w_N, need)
+        if need:
+            ctx.save_for_backward(*grads)
+        ctx.L = L
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = tuple(scaled(g, grad_out) for g in ctx.saved_tensors)
+        return (None, None, None, *grads, *([None] * ctx.L))
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch indirection (ahead-of-time compile checks)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Launch:
+    """One Triton launch as a launcher made it: the kernel, its grid, positional arguments and
+    keyword (constexpr and compile option) arguments."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+_RECORDING: contextvars.ContextVar[list[Launch] | None] = contextvars.ContextVar(
+    "rdcore_kernels_recording", default=None)
+
+
+def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+    """``kernel[grid](*args, **kwargs)`` — or, inside :func:`recording`, only note it (the tensors
+    may then live on the ``meta`` device: nothing is computed)."""
+    seen = _RECORDING.get()
+    if seen is not None:
+        seen.append(Launch(kernel, tuple(grid), args, dict(kwargs)))
+        return
+    kernel[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """Collect the launches a launcher makes instead of running them (see
+    ``tests/ops/test_gpu_compile.py``: every launch is compiled for sm_80/sm_90)."""
+    seen: list[Launch] = []
+    token = _RECORDING.set(seen)
+    try:
+        yield seen
+    finally:
+        _RECORDING.reset(token)
+
+
+def is_recording() -> bool:
+    return _RECORDING.get() is not None

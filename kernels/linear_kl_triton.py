@@ -1,0 +1,281 @@
+"""Linear (lm_head) + KL divergence in Triton: forward and backward without the N×V logits.
+
+Formula: see ``linear_kl_torch.py`` (the same per-row loss and gradient; the logit transform of
+:class:`~._common.LogitSpec`)::
+
+    u_n = scale·(x_n·Wᵀ + b)      z_n = softcap(u_n) / T      ℓ_n = T²·KL(softmax(z̃_n) ‖ softmax(z_n))
+    g_nv = T·scale·w_n·(q_nv − p_nv)·(1 − tanh²(u_nv/cap))   (the last factor only with a softcap)
+
+Shape letters: N rows, H student hidden size, Ht teacher hidden size, V vocabulary, C rows of a chunk.
+
+Algorithm (gradient in the forward pass): rows go C at a time (:func:`triton_chunk_rows`); only
+[C, V] buffers exist, never [N, V]. Per chunk
+
+1. ``_matmul_kernel``: teacher and student logits (``u``, or ``z`` directly when there is no softcap:
+   the scale and 1/T are folded into the epilogue, with the bias) into fp32 [C, V] buffers, straight
+   from the fp32 dot accumulator;
+2. ``_kl_rows_kernel``: per row, online log-sum-exp over V of both, then ℓ_n and g (written over the
+   student logits, or into a [C, V] buffer of the input dtype for low-precision GEMM operands);
+3. ``_matmul_kernel``: dx = g·W and dW (+)= gᵀ·x into an fp32 accumulator (the first chunk writes
+   it: no zero-fill); db = Σ_n g by a column sum.
+
+Pointer offsets are int32 unless an operand spans 2³¹ elements or more (``INT64``: e.g. a 262144
+vocabulary with H > 8192), so the common case keeps the cheaper address arithmetic and the large
+one cannot wrap.
+
+Dtype policy: fp32 inputs use IEEE fp32 dots (not TF32); bf16/fp16 inputs use tensor-core dots with
+an fp32 accumulator. Logits, softmax statistics and losses are fp32; g is rounded to the input dtype
+only as a GEMM operand; dW/db accumulate in fp32. Under ``TRITON_INTERPRET=1`` (CPU tests) loaded
+values are converted to fp32 before any arithmetic (the interpreter computes wrongly on bf16).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import KLGrads, KLProblem, interpreting, launch
+
+try:  # libdevice moved between Triton releases
+    from triton.language.extra import libdevice as _libdevice
+except ImportError:  # pragma: no cover - older Triton
+    from triton.language.extra.cuda import libdevice as _libdevice
+
+CHUNK_BUFFER_BYTES = 1 << 30
+"""Size (to a tile row) of the per-chunk [C, V] buffers of the Triton path (two fp32 logit buffers and,
+for bf16/fp16, the gradient operand)."""
+INT32_LIMIT = 2**31
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _matmul_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    alpha,
+    ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[M, N] (+)= alpha · (A[M, K] · B[K, N] + bias[N]) with an fp32 accumulator; any strides."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n  # grouped launch order: neighbouring programs share B tiles
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    if INT64:
+        rm = rm.to(tl.int64)
+        rn = rn.to(tl.int64)
+        rk = rk.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    acc = acc * alpha
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    c_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _capped(u, cap, inv_T, SOFTCAP: tl.constexpr):
+    """z = softcap(u)/T (u already holds z when there is no softcap)."""
+    if SOFTCAP:
+        return _libdevice.tanh(u / cap) * (cap * inv_T)
+    return u
+
+
+@triton.jit
+def _kl_rows_kernel(
+    s_ptr, t_ptr, g_ptr, loss_ptr, w_ptr,
+    V, stride_s, stride_t, stride_g,
+    cap, inv_T, T_sq, grad_scale,
+    SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One row: ℓ = T²·Σ p (log p − log q) of z = softcap(u)/T; g = grad_scale·w·(q − p)·(1 − th²)."""
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    offs = tl.arange(0, BLOCK_V)
+
+    m_s = tl.full((), float("-inf"), tl.float32)
+    m_t = tl.full((), float("-inf"), tl.float32)
+    l_s = tl.zeros((), tl.float32)
+    l_t = tl.zeros((), tl.float32)
+    for v0 in range(0, V, BLOCK_V):  # pass 1: online log-sum-exp of z and z̃
+        valid = v0 + offs < V
+        s = _capped(tl.load(s_row + v0 + offs, mask=valid, other=0.0).to(tl.float32), cap, inv_T,
+                    SOFTCAP)
+        t = _capped(tl.load(t_row + v0 + offs, mask=valid, other=0.0).to(tl.float32), cap, inv_T,
+                    SOFTCAP)
+        s = tl.where(valid, s, float("-inf"))
+        t = tl.where(valid, t, float("-inf"))
+        new_s = tl.maximum(m_s, tl.max(s, 0))
+        new_t = tl.maximum(m_t, tl.max(t, 0))
+        l_s = l_s * tl.exp(m_s - new_s) + tl.sum(tl.exp(s - new_s), 0)
+        l_t = l_t * tl.exp(m_t - new_t) + tl.sum(tl.exp(t - new_t), 0)
+        m_s = new_s
+        m_t = new_t
+    log_l_s = tl.log(l_s)  # log q = (z − m) − log l: subtracting the max first keeps the fp32
+    log_l_t = tl.log(l_t)  # rounding relative to the logit spread, not to |max|
+
+    w = tl.load(w_ptr + row).to(tl.float32)
+    acc = tl.zeros((BLOCK_V,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):  # pass 2: loss terms and gradient
+        valid = v0 + offs < V
+        s = _capped(tl.load(s_row + v0 + offs, mask=valid, other=0.0).to(tl.float32), cap, inv_T,
+                    SOFTCAP)
+        t = _capped(tl.load(t_row + v0 + offs, mask=valid, other=0.0).to(tl.float32), cap, inv_T,
+                    SOFTCAP)
+        log_p = (t - m_t) - log_l_t
+        log_q = (s - m_s) - log_l_s
+        p = tl.exp(log_p)
+        acc += tl.where(valid, p * (log_p - log_q), 0.0)
+        if WRITE_GRAD:
+            g = (grad_scale * w) * (tl.exp(log_q) - p)
+            if SOFTCAP:
+                th = s / (cap * inv_T)
+                g = g * (1.0 - th * th)
+            tl.store(g_ptr + row * stride_g + v0 + offs, g.to(g_ptr.dtype.element_ty), mask=valid)
+    tl.store(loss_ptr + row, tl.sum(acc, 0) * T_sq)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+def matmul_config(dtype: torch.dtype, aligned: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMM for operands of ``dtype``.
+    ``aligned``: every operand's leading stride and base address allow 16-byte vector loads (the
+    asynchronous-copy pipeline) and the inner and column dimensions are multiples of 16;
+    otherwise a smaller tile with fewer stages, which stays in registers (every configuration is
+    compiled for sm_80/sm_90 by ``python -m rdcore.kernels.aot``, in the test suite)."""
+    if interpreting():
+        return 64, 64, 32, 4, 1
+    if dtype == torch.float32:  # IEEE fp32 dots: FFMA, registers are the limit (8 warps)
+        return (64, 64, 32, 8, 3) if aligned else (32, 64, 32, 4, 3)
+    return (128, 128, 64, 8, 3) if aligned else (64, 64, 32, 4, 2)
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """16-byte alignment of base addresses and of every non-unit stride (in bytes)."""
+    for t in tensors:
+        size = t.element_size()
+        if (t.storage_offset() * size) % 16 or (t.device.type == "cuda" and t.data_ptr() % 16):
+            return False
+        if any(s != 1 and (s * size) % 16 for s in t.stride()):
+            return False
+    return True
+
+
+def _span(t: torch.Tensor) -> int:
+    """Largest element offset a kernel computes for ``t`` (its strided extent)."""
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha: float = 1.0,
+            bias: torch.Tensor | None = None, accumulate: bool = False) -> None:
+    """c (+)= alpha·(a @ b + bias) for 2-D views of any strides (a [M, K], b [K, N], c [M, N])."""
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return
+    bm, bn, bk, warps, stages = matmul_config(a.dtype, _aligned(a, b, c) and K % 16 == 0
+                                              and N % 16 == 0)
+    int64 = max(_span(a), _span(b), _span(c)) >= INT32_LIMIT
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    launch(_matmul_kernel, grid,
+           a, b, c, c if bias is None else bias, M, N, K,
+           a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+           alpha,
+           ACCUMULATE=accumulate, HAS_BIAS=bias is not None, UPCAST=interpreting(),
+           IEEE=a.dtype == torch.float32, INT64=int64,
+           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+
+
+def rows_config(V: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the row kernel."""
+    block_v = min(1024 if interpreting() else 4096, triton.next_power_of_2(V))
+    return block_v, 8 if block_v >= 2048 else 4
+
+
+def triton_chunk_rows(N: int, V: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: as many as let the [C, V] buffers (two fp32 logits, and g unless fp32) fit
+    :data:`CHUNK_BUFFER_BYTES`, then evened out over the chunks N needs and rounded up to a
+    multiple of 64, so that every chunk (the last included) is a whole number of GEMM tiles and
+    the dW GEMM's inner dimension stays 16-aligned."""
+    per_row = V * (8 + (0 if dtype == torch.float32 else torch.finfo(dtype).bits // 8))
+    most = max(1, CHUNK_BUFFER_BYTES // max(per_row, 1))
+    if N <= most:
+        return max(N, 1)
+    even = -(-N // -(-N // most))  # ceil(N / number of chunks)
+    return min(N, max(64, -(-even // 64) * 64)) if most >= 64 else most
+
+
+def _triton_pass(prob: KLProblem, row_w_N: torch.Tensor, want_dx: bool, want_dw: bool,
+                 want_db: bool) -> KLGrads:
+    """Per-row losses [N] (fp32) and, as asked, dx [N, H], fp32 dW [V, H] and db [V]."""
+    x_NH, xt_NHt, w_VH, wt_VHt, b_V, bt_V, spec, chunk = prob
+    want_grad = want_dx or want_dw or want_db
+    N, H = x_NH.shape
+    V = w_VH.shape[0]
+    C = min(chunk, max(N, 1)) if chunk else triton_chunk_rows(N, V, x_NH.dtype)
+    dev = x_NH.device
+    loss_N = torch.empty(N, device=dev, dtype=torch.float32)
+    s_CV = torch.empty((min(C, N), V), device=dev, dtype=torch.float32)
+    t_CV = torch.empty((min(C, N), V), device=dev, dtype=torch.float32)
+    g_CV = s_CV if x_NH.dtype == torch.float32 else torch.empty((min(C, N), V), device=dev,
+                                                                dtype=x_NH.dtype)
+    dx_NH = torch.empty_like(x_NH) if want_dx else None
+    dw_VH = torch.empty((V, H), device=dev, dtype=torch.float32) if want_dw else None
+    db_V = torch.zeros(V, device=dev, dtype=torch.float32) if want_db else None
+    # no softcap: z = scale/T · (x·Wᵀ + b) straight from the GEMM; with one: u = scale · (…)
+    alpha = spec.scale / spec.temperature if spec.plain else spec.scale
+    block_v, warps = rows_config(V)
+    for c0 in range(0, N, C):
+        rows = min(C, N - c0)
+        x_CH = x_NH[c0:c0 + rows]
+        _matmul(xt_NHt[c0:c0 + rows], wt_VHt.T, t_CV[:rows], alpha=alpha, bias=bt_V)
+        _matmul(x_CH, w_VH.T, s_CV[:rows], alpha=alpha, bias=b_V)
+        launch(_kl_rows_kernel, (rows,),
+               s_CV, t_CV, g_CV, loss_N[c0:], row_w_N[c0:],
+               V, s_CV.stride(0), t_CV.stride(0), g_CV.stride(0),
+               spec.softcap or 1.0, 1.0 / spec.temperature, spec.temperature**2,
+               spec.temperature * spec.scale,
+               SOFTCAP=not spec.plain, WRITE_GRAD=want_grad, BLOCK_V=block_v, num_warps=warps)
+        if not want_grad:
+            continue
+        g = g_CV[:rows] if g_CV.dtype == w_VH.dtype else g_CV[:rows].to(w_VH.dtype)
+        if want_dx:
+            _matmul(g, w_VH, dx_NH[c0:c0 + rows])
+        if want_dw:  # the first chunk writes dW, the others add to it
+            _matmul(g.T, x_CH, dw_VH, accumulate=c0 > 0)
+        if want_db:
+            db_V += g_CV[:rows].float().sum(0)
+    if want_dw and N == 0:
+        dw_VH.zero_()
+    return KLGrads(loss_N, dx_NH, dw_VH, db_V)
