@@ -191,18 +191,34 @@ def _key(launch: Launch, capability: int) -> str:
                  options.num_stages))
 
 
-def compile_all(capabilities: tuple[int, ...] = (80, 90)) -> list[Report]:
-    """Each distinct binding of :func:`cases` compiled once per target."""
-    reports, seen = [], set()
-    for case, launches in cases():
-        for launch in launches:
+def _compile_task(task: tuple[int, int, int]) -> Report:
+    """Worker: compile launch ``j`` of case ``i`` for capability ``cap`` (launches hold kernels,
+    which do not pickle: each worker rebuilds the cases, which costs milliseconds)."""
+    i, j, cap = task
+    case, launches = list(cases())[i]
+    return compile_launch(launches[j], cap, case)
+
+
+def compile_all(capabilities: tuple[int, ...] = (80, 90), workers: int | None = None
+                ) -> list[Report]:
+    """Each distinct binding of :func:`cases` compiled once per target, on ``workers`` processes
+    (default: one per core)."""
+    tasks, seen = [], set()
+    for i, (_, launches) in enumerate(cases()):
+        for j, launch in enumerate(launches):
             for cap in capabilities:
                 key = _key(launch, cap)
-                if key in seen:
-                    continue
-                seen.add(key)
-                reports.append(compile_launch(launch, cap, case))
-    return reports
+                if key not in seen:
+                    seen.add(key)
+                    tasks.append((i, j, cap))
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        return [_compile_task(t) for t in tasks]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_compile_task, tasks))
 
 
 def main(argv: list[str] | None = None) -> int:

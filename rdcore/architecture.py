@@ -77,8 +77,7 @@ def lora_targets(model: nn.Module) -> tuple[str, ...]:
     (``self_attn.q_proj`` …; Phi-3: ``self_attn.qkv_proj``, ``self_attn.o_proj``; GPT-NeoX:
     ``attention.query_key_value``, ``attention.dense``) — PEFT target names matching every layer."""
     layer = decoder_layers(model)[0]
-    blocks = [(name, m) for name, m in layer.named_children()
-              if "attention" in type(m).__name__.lower() or "attn" in name.lower()]
+    blocks = _attention_blocks(layer)
     if len(blocks) != 1:
         raise ModelError(f"{model_name(model)}: cannot tell the attention block of a decoder "
                          f"layer (children: {[n for n, _ in layer.named_children()]})")
@@ -89,6 +88,15 @@ def lora_targets(model: nn.Module) -> tuple[str, ...]:
         raise ModelError(f"{model_name(model)}: its attention block {name} has no nn.Linear "
                          "projections for LoRA")
     return names
+
+
+def _attention_blocks(layer: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The children of a decoder layer that hold its attention projections: by class name
+    (``…Attention``), else by attribute name (``…attn…``), among children with linear layers."""
+    linear = [(n, m) for n, m in layer.named_children()
+              if any(isinstance(x, nn.Linear) for x in m.modules())]
+    by_class = [(n, m) for n, m in linear if "attention" in type(m).__name__.lower()]
+    return by_class or [(n, m) for n, m in linear if "attn" in n.lower() or "attention" in n.lower()]
 
 
 def logit_spec(model: nn.Module, temperature: float = 1.0) -> LogitSpec:
@@ -194,7 +202,5 @@ def attention_modules(model: nn.Module) -> list[Any]:
     """The attention block of every decoder layer (in layer order)."""
     out = []
     for layer in decoder_layers(model):
-        blocks = [m for name, m in layer.named_children()
-                  if "attention" in type(m).__name__.lower() or "attn" in name.lower()]
-        out.extend(blocks[:1])
+        out.extend(m for _, m in _attention_blocks(layer)[:1])
     return out

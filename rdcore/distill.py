@@ -344,7 +344,8 @@ class RuleDistillModule(nn.Module):
     def _ce(self, h_NH: torch.Tensor, targets_N: torch.Tensor, row_w_N: torch.Tensor) -> torch.Tensor:
         """Σ_n w_n CE_n from the model's own logits at the distilled rows only ([N, V])."""
         spec = logit_spec(self.model)
-        logits_NV = causal_lm(self.model).get_output_embeddings()(h_NH).float()
+        logits_NV = causal_lm(self.model).get_output_embeddings()(h_NH)
+        logits_NV = logits_NV.to(torch.promote_types(logits_NV.dtype, torch.float32))
         if spec.scale != 1.0:
             logits_NV = logits_NV * spec.scale
         if spec.softcap is not None:
@@ -549,7 +550,7 @@ def interleaves_exactly(model: nn.Module, teacher_mode: str, tokens: int = 10) -
     vocab = lm.config.vocab_size
     t_ids = torch.randint(3, vocab, (2, tokens), generator=g).to(device)
     t_mask = torch.ones_like(t_ids)
-    t_mask[1, :3] = 0  # left padding
+    t_mask[1, -3:] = 0  # padding (right: as collate pads)
     t_pos = (t_mask.cumsum(-1) - 1).clamp_min(0)
     s_ids = torch.randint(3, vocab, (1, tokens - 2), generator=g).to(device)
     teacher = dict(input_ids=t_ids, attention_mask=t_mask, position_ids=t_pos)

@@ -37,6 +37,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +260,9 @@ def setup_stage(stage: Stage, out: Path, rank: int, world: int) -> StageRun:
     cfg = stage.cfg
     if cfg.resume:
         ckpt.check_resume(cfg, out / "checkpoints" / stage.name, world)
+    # the random draws of the set-up (LoRA's initial A matrices) depend on the seed and the stage
+    # only — not on what ran before in this process (an earlier stage, or a skipped one on resume)
+    torch.manual_seed(cfg.seed * 1_000_003 + zlib.crc32(stage.name.encode()))
     model, tokenizer = load_model(cfg.model, dtype=cfg.torch_dtype, seed=cfg.seed)
     report = inspect_model(model)  # a family rdcore cannot distil exactly stops here
     log.info("[%s] model %s", stage.name, describe(report))
@@ -436,7 +440,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank{rank}] %(message)s")
     out = prepare_output_dir(cfg, rank)
-    torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
     run(cfg, out, rank, world)
     log.info("done in %.1fs; outputs in %s", time.perf_counter() - t_start, out)
