@@ -35,6 +35,7 @@ setup(
         "tqdm>=4.60",
         "pyyaml>=6",
         "vadersentiment>=3.3",
+        "py3langid>=0.3",  # the language judge: its model ships inside the wheel
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "matplotlib>=3.8"],
@@ -44,6 +45,9 @@ setup(
         "demo": ["gguf>=0.10", "accelerate>=1.0"],
         # Optional attention backend; needs CUDA and a compiler to build (not on CPU machines).
         "flash": ["flash-attn>=2.6"],
+        # Peers of the benchmarks (bench/bench_kernels.py, bench/step.py). Install them with
+        # --no-deps (make bench-peers): their requirements would replace a CPU torch.
+        "bench": ["liger-kernel==0.8.5"],
     },
     entry_points={"console_scripts": ["rdcore-train=rdcore.train:cli"]},
 )

@@ -1,40 +1,73 @@
 """Kernel benchmark: fused linear+KL and normalised hidden MSE, forward / backward / total time and peak
 memory per provider; prints a table and appends rows to ``bench/results/kernels.jsonl``.
 
-    python bench/bench_kernels.py --op linear_kl --shape 4096,512,32000 --dtype fp32       # CPU target
-    python bench/bench_kernels.py --op linear_kl --shape 8192,4096,128256 --dtype bf16     # GPU target
-    python bench/bench_kernels.py --op hidden_mse --shape 32,8192,4096 --dtype bf16
-    python bench/plot.py                                                             # figures
+    python bench/bench_kernels.py --op linear_kl --shapes 4096,512,32000 --dtype fp32     # CPU
+    python bench/bench_kernels.py --grid on                                         # the CPU grid
+    python bench/bench_kernels.py --op linear_kl --shapes 8192,4096,128256 --dtype bf16  # GPU target
+    python bench/bench_kernels.py --op hidden_mse --shapes 32,8192,4096 --dtype bf16
+    python bench/plot.py                                                            # figures
 
-Providers: ``naive`` (plain PyTorch: full [N, V] logits, autograd), ``torch`` (rdcore's chunked PyTorch
-path), ``triton`` (rdcore's Triton kernels; CUDA only) and ``liger`` (Liger-Kernel's fused linear JSD
-with β=0, i.e. forward KL, when ``liger-kernel`` is installed; CUDA only).
+Providers (a missing one is skipped with a message):
 
-Each (provider, shape) runs in its own subprocess, so peak memory is measured cleanly: on CUDA
-``max_memory_allocated`` beyond the inputs, on CPU the growth of the peak resident set (ru_maxrss) over
-the resident set after the inputs and their gradients are allocated (glibc told to mmap every large
-block, so freed memory leaves the resident set). Times are medians over ``--repeats`` runs after one
-warm-up. Throughput: linear_kl against the GEMM floor ``2·N·V·(H_t + 3·H)`` FLOPs (teacher logits,
-student logits, dX, dW); hidden_mse as bytes moved ``L·N·H·(2 reads + 1 write)·itemsize`` per second.
+* ``naive`` — plain PyTorch: full [N, V] logits, autograd (``rdcore.kernels.linear_kl_reference``);
+* ``torch`` / ``triton`` — rdcore's chunked PyTorch path / Triton kernels (Triton: CUDA only);
+* ``liger`` / ``liger_eager`` — Liger-Kernel 0.8.5's ``LigerFusedLinearJSDLoss(beta=0,
+  weight_hard_loss=0, weight_soft_loss=1)`` (forward KL(teacher ‖ student), mean over tokens, the
+  same quantity) with and without ``torch.compile`` — its chunked PyTorch loss, which runs on CPU;
+* ``liger_triton`` — Liger's Triton ``LigerFusedLinearJSD`` (CUDA only).
+
+Each (provider, shape) runs in its own process. Times are medians over ``--repeats`` runs after one
+warm-up (compilation, allocator). Memory: on CUDA ``max_memory_allocated`` beyond the inputs and
+their gradient buffers; on CPU the growth of the peak resident set over the resident set after the
+inputs and gradient buffers exist (glibc told to mmap every large block, so freed memory leaves the
+resident set), and the process's whole peak resident set. Throughput: against the GEMM floor
+``2·N·V·(H_t + 3·H)`` FLOPs (``2·N·V·(H_t + 2·H)`` with a frozen head: no dW), and for rdcore's
+Triton path the bytes its design moves through memory (:func:`linear_kl_traffic`); hidden MSE as
+``L·N·H·(2 reads + 1 write)·itemsize`` per second.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Literal
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "bench" / "results" / "kernels.jsonl"
+from common import RESULTS, append_rows, device_name, git_sha, parse, versions
+
+OUT = RESULTS / "kernels.jsonl"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+GRID = [(N, H, V) for V in (32000, 128256, 262144) for N in (256, 1024, 4096) for H in (512, 2048)]
+"""The CPU target grid of issue 18: V × N × H."""
+CUDA_ONLY = {"triton", "liger_triton"}
+
+
+@dataclass
+class Options:
+    op: Literal["linear_kl", "hidden_mse"] = "linear_kl"
+    """Which op to time."""
+    shapes: str = ""
+    """Semicolon-separated N,H,V (linear_kl) or L,N,H (hidden_mse) (default: 4096,512,32000 /
+    32,4096,512)."""
+    grid: bool = False
+    """Time the CPU target grid (V 32000/128256/262144 × N 256/1024/4096 × H 512/2048)."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Operand dtype."""
+    providers: str = "naive,torch,triton,liger,liger_eager,liger_triton"
+    """Comma-separated providers (see the module docstring)."""
+    frozen_head: bool = False
+    """linear_kl: the head weight gets no gradient (LoRA, the paper's setting): no dW."""
+    repeats: int = 3
+    """Timed runs per (provider, shape), after one warm-up."""
+    no_save: bool = False
+    """Print only, append no rows."""
+    worker: str = ""
+    """Internal: time one provider (in a child process)."""
 
 
 def _rss_bytes() -> int:
@@ -42,58 +75,89 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _provider_fn(op: str, provider: str):
-    import torch
+def linear_kl_traffic(N: int, H: int, V: int, itemsize: int, C: int, frozen: bool) -> int:
+    """Bytes rdcore's Triton path moves through device memory (a model of its design, per chunk
+    of C rows): the two logit GEMMs read x̃, x and W twice and write two fp32 [C, V] buffers; the
+    row kernel reads both twice and writes g (in the input dtype unless fp32); dX reads g and W
+    and writes dX; dW reads g and x and reads and writes the fp32 dW (written only, by the first
+    chunk)."""
+    total, first = 0, True
+    for c0 in range(0, N, C):
+        rows = min(C, N - c0)
+        total += 2 * rows * H * itemsize + 2 * V * H * itemsize + 2 * rows * V * 4
+        total += 4 * rows * V * 4 + rows * V * (4 if itemsize == 4 else itemsize)
+        total += rows * V * itemsize + V * H * itemsize + rows * H * itemsize
+        if not frozen:
+            total += rows * V * itemsize + rows * H * itemsize + V * H * 4 * (1 if first else 2)
+        first = False
+    return total
 
+
+def _provider_fn(op: str, provider: str):
     if op == "linear_kl":
         if provider == "naive":
-            from rdcore.kernels.linear_kl_torch import linear_kl_reference as fn
-            return fn
+            from rdcore.kernels import linear_kl_reference
+
+            return lambda x, xt, w, wt: linear_kl_reference(x, xt, w, wt)
         if provider in ("torch", "triton"):
             from rdcore.kernels import fused_linear_kl
 
-            return lambda *a, **k: fused_linear_kl(*a, impl=provider, **k)
-        if provider == "liger":
+            return lambda x, xt, w, wt: fused_linear_kl(x, xt, w, wt, impl=provider)
+        if provider in ("liger", "liger_eager"):
+            import torch
+            from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+            loss = LigerFusedLinearJSDLoss(beta=0.0, weight_hard_loss=0.0, weight_soft_loss=1.0,
+                                           compiled=provider == "liger")
+            labels = {}
+
+            def liger(x, xt, w, wt):
+                n = x.shape[0]
+                if n not in labels:
+                    labels[n] = torch.zeros(n, dtype=torch.long, device=x.device)
+                return loss(x, w, xt, wt, labels[n])
+
+            return liger
+        if provider == "liger_triton":
             from liger_kernel.transformers import LigerFusedLinearJSD
 
             jsd = LigerFusedLinearJSD(jsd_beta=0.0, temperature=1.0)
             return lambda x, xt, w, wt: jsd(x, w, xt, wt)
     else:
-        from rdcore.kernels import normalized_hidden_mse
-        from rdcore.kernels.hidden_mse_torch import normalized_hidden_mse_reference
+        from rdcore.kernels import normalized_hidden_mse, normalized_hidden_mse_reference
 
         if provider == "naive":
             return normalized_hidden_mse_reference
         if provider in ("torch", "triton"):
             return lambda s, t: normalized_hidden_mse(s, t, impl=provider)
-    del torch
     raise SystemExit(f"provider {provider!r} does not exist for {op}")
 
 
-def worker(op: str, provider: str, shape: list[int], dtype_name: str, repeats: int) -> dict:
-    """Runs in a subprocess: time and measure one (provider, shape)."""
+def worker(opt: Options, provider: str, shape: list[int]) -> dict:
+    """Runs in a child process: time and measure one (provider, shape)."""
     import torch
 
-    dtype = getattr(torch, DTYPES[dtype_name])
+    dtype = getattr(torch, DTYPES[opt.dtype])
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     g = torch.Generator(device=dev).manual_seed(0)
-    if op == "linear_kl":
+    if opt.op == "linear_kl":
         N, H, V = shape
         x = torch.randn(N, H, device=dev, dtype=dtype, generator=g).requires_grad_()
         xt = torch.randn(N, H, device=dev, dtype=dtype, generator=g)
-        w = (torch.randn(V, H, device=dev, dtype=dtype, generator=g) * H**-0.5).requires_grad_()
-        args = (x, xt, w, w.detach())
-        leaves = [x, w]
-        work = 2.0 * N * V * (H + 3 * H)  # FLOPs of the GEMM floor
+        w = (torch.randn(V, H, device=dev, dtype=dtype, generator=g) * H**-0.5)
+        w.requires_grad_(not opt.frozen_head)
+        wt = w.detach()
+        args, leaves = (x, xt, w, wt), [x] + ([] if opt.frozen_head else [w])
+        work = 2.0 * N * V * (H + (2 if opt.frozen_head else 3) * H)
     else:
         L, N, H = shape
-        s = [torch.randn(N, H, device=dev, dtype=dtype, generator=g).requires_grad_() for _ in range(L)]
+        s = [torch.randn(N, H, device=dev, dtype=dtype, generator=g).requires_grad_()
+             for _ in range(L)]
         t = [torch.randn(N, H, device=dev, dtype=dtype, generator=g) for _ in range(L)]
-        args = (s, t)
-        leaves = s
+        args, leaves = (s, t), s
         work = 3.0 * L * N * H * torch.finfo(dtype).bits / 8  # bytes moved
-    fn = _provider_fn(op, provider)
+    fn = _provider_fn(opt.op, provider)
 
     def sync():
         if cuda:
@@ -109,8 +173,7 @@ def worker(op: str, provider: str, shape: list[int], dtype_name: str, repeats: i
         t1 = time.perf_counter()
         loss.backward()
         sync()
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t1
+        return t1 - t0, time.perf_counter() - t1, float(loss)
 
     for p in leaves:  # gradients are part of the inputs' footprint, not the op's extra memory
         p.grad = torch.zeros_like(p)
@@ -119,88 +182,98 @@ def worker(op: str, provider: str, shape: list[int], dtype_name: str, repeats: i
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
-    once()  # warm-up (compilation, autotuning, allocator)
+    value = once()[2]  # warm-up (compilation, autotuning, allocator)
+    times = [once() for _ in range(opt.repeats)]
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base_cuda
+        rss = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
-    fwd, bwd = zip(*(once() for _ in range(repeats)))
-    fwd_ms, bwd_ms = statistics.median(fwd) * 1e3, statistics.median(bwd) * 1e3
-    total_ms = statistics.median(f + b for f, b in zip(fwd, bwd)) * 1e3
-    rate = work / (total_ms / 1e3)
-    return {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "total_ms": total_ms, "peak_extra_bytes": max(peak, 0),
-            ("tflops" if op == "linear_kl" else "gbps"): rate / (1e12 if op == "linear_kl" else 1e9),
-            "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-            "torch": torch.__version__}
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = rss - base_rss
+    fwd_ms = statistics.median(f for f, _, _ in times) * 1e3
+    bwd_ms = statistics.median(b for _, b, _ in times) * 1e3
+    total_ms = statistics.median(f + b for f, b, _ in times) * 1e3
+    row = {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "total_ms": total_ms, "value": value,
+           "peak_extra_mib": max(peak, 0) / 2**20, "peak_total_mib": rss / 2**20,
+           "threads": torch.get_num_threads()}
+    if opt.op == "linear_kl":
+        row["tflops"] = work / (total_ms / 1e3) / 1e12
+        if provider == "triton":
+            from rdcore.kernels.linear_kl_triton import triton_chunk_rows
+
+            C = triton_chunk_rows(N, V, dtype)
+            moved = linear_kl_traffic(N, H, V, torch.finfo(dtype).bits // 8, C,
+                                      opt.frozen_head)
+            row.update(chunk_rows=C, model_gb=moved / 1e9, model_gbps=moved / (total_ms / 1e3) / 1e9)
+    else:
+        row["gbps"] = work / (total_ms / 1e3) / 1e9
+    return row
 
 
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def available(provider: str, cuda: bool) -> str | None:
+    """Why ``provider`` cannot run here (None: it can)."""
+    import importlib.util
+
+    if provider in CUDA_ONLY and not cuda:
+        return "needs CUDA"
+    if provider.startswith("liger") and importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install --no-deps liger-kernel==0.8.5)"
+    return None
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--op", choices=["linear_kl", "hidden_mse"], default="linear_kl")
-    ap.add_argument("--shape", action="append", help="N,H,V (linear_kl) or L,N,H (hidden_mse)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    ap.add_argument("--providers", default="naive,torch,triton,liger")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--no-save", action="store_true", help="print only, do not append rows")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.op, args.worker, [int(v) for v in args.shape[0].split(",")],
-                                args.dtype, args.repeats)))
+def main(argv: list[str] | None = None) -> int:
+    opt = parse(Options, argv, __doc__, "bench/bench_kernels.py")
+    if opt.worker:
+        shape = [int(v) for v in opt.shapes.split(",")]
+        print("RESULT " + json.dumps(worker(opt, opt.worker, shape)))
         return 0
-
     import torch
-    import triton
 
-    shapes = args.shape or (["4096,512,32000"] if args.op == "linear_kl" else ["32,4096,512"])
     cuda = torch.cuda.is_available()
-    providers = [p for p in args.providers.split(",")
-                 if cuda or p not in ("triton", "liger")]
-    if "liger" in providers:
-        try:
-            import liger_kernel  # noqa: F401
-        except ImportError:
-            providers.remove("liger")
-    sha = git_sha()
+    default = "4096,512,32000" if opt.op == "linear_kl" else "32,4096,512"
+    shapes = ([",".join(map(str, s)) for s in GRID] if opt.grid else
+              [s for s in (opt.shapes or default).split(";") if s])
+    providers = []
+    for p in opt.providers.split(","):
+        why = available(p, cuda) if opt.op == "linear_kl" or p in ("naive", "torch", "triton") \
+            else "not a hidden_mse provider"
+        if why:
+            print(f"skipping {p}: {why}")
+        else:
+            providers.append(p)
+    sha, run_id = git_sha(), time.strftime("%Y-%m-%dT%H:%M:%S")
+    meta = {"device": device_name() if cuda else None, "git": sha, "run": run_id, **versions(
+        "liger-kernel")}
+    rate = "tflops" if opt.op == "linear_kl" else "gbps"
+    print(f"{opt.op} {opt.dtype}{' frozen head' if opt.frozen_head else ''} on "
+          f"{'CUDA' if cuda else 'CPU'}; git {sha}; torch {meta['torch']}")
+    print(f"{'shape':>18} {'provider':>12} {'fwd ms':>9} {'bwd ms':>9} {'total ms':>9} "
+          f"{'extra MiB':>10} {'peak MiB':>9} {rate:>7}")
     rows = []
-    rate_key = "tflops" if args.op == "linear_kl" else "gbps"
-    print(f"{args.op} {args.dtype} on {'CUDA' if cuda else 'CPU'}; git {sha}; "
-          f"torch {torch.__version__}, triton {triton.__version__}")
-    print(f"{'shape':>20} {'provider':>8} {'fwd ms':>9} {'bwd ms':>9} {'total ms':>9} "
-          f"{'extra MiB':>10} {rate_key:>8}")
     for shape in shapes:
         for provider in providers:
-            cmd = [sys.executable, __file__, "--op", args.op, "--shape", shape, "--dtype",
-                   args.dtype, "--repeats", str(args.repeats), "--worker", provider]
-            # glibc: serve every large block by mmap so that freed memory leaves the resident set
-            # and ru_maxrss measures what was live (CUDA measures its allocator directly).
+            cmd = [sys.executable, __file__, "--op", opt.op, "--shapes", shape, "--dtype",
+                   opt.dtype, "--repeats", str(opt.repeats), "--frozen_head",
+                   "on" if opt.frozen_head else "off", "--worker", provider]
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
                 err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                print(f"{shape:>20} {provider:>8}   failed: {err}")
+                print(f"{shape:>18} {provider:>12}   failed: {err[:200]}", flush=True)
                 continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "op": args.op, "shape": shape,
-                   "dtype": args.dtype, "provider": provider, "git": sha,
-                   "triton": triton.__version__, "repeats": args.repeats, **r}
+            r = json.loads(line[-1][7:])
+            row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "op": opt.op, "shape": shape,
+                   "dtype": opt.dtype, "frozen_head": opt.frozen_head, "provider": provider,
+                   "repeats": opt.repeats, **meta, **r}
+            row["device"] = row["device"] or f"CPU ({r['threads']} threads)"
             rows.append(row)
-            print(f"{shape:>20} {provider:>8} {r['fwd_ms']:9.1f} {r['bwd_ms']:9.1f} "
-                  f"{r['total_ms']:9.1f} {r['peak_extra_bytes'] / 2**20:10.1f} {r[rate_key]:8.3f}")
-    if rows and not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as fh:
-            for row in rows:
-                fh.write(json.dumps(row) + "\n")
-        print(f"appended {len(rows)} rows to {RESULTS.relative_to(ROOT)}")
+            print(f"{shape:>18} {provider:>12} {r['fwd_ms']:9.1f} {r['bwd_ms']:9.1f} "
+                  f"{r['total_ms']:9.1f} {r['peak_extra_mib']:10.1f} {r['peak_total_mib']:9.0f} "
+                  f"{r[rate]:7.3f}", flush=True)
+    if rows and not opt.no_save:
+        n = append_rows(OUT, rows)
+        print(f"appended {n} rows to {OUT.relative_to(OUT.parents[2])}")
     return 0
 
 

@@ -37,11 +37,6 @@ import triton.language as tl
 
 from ._common import KLGrads, KLProblem, interpreting, launch
 
-try:  # libdevice moved between Triton releases
-    from triton.language.extra import libdevice as _libdevice
-except ImportError:  # pragma: no cover - older Triton
-    from triton.language.extra.cuda import libdevice as _libdevice
-
 CHUNK_BUFFER_BYTES = 1 << 30
 """Size (to a tile row) of the per-chunk [C, V] buffers of the Triton path (two fp32 logit buffers and,
 for bf16/fp16, the gradient operand)."""
@@ -103,10 +98,19 @@ def _matmul_kernel(
 
 
 @triton.jit
+def _tanh(u):
+    """tanh from one exp (no libdevice: the same code in the CPU interpreter): sign(u)·(1 − e)/(1 + e)
+    with e = exp(−2|u|), which cannot overflow; absolute error ~1e-7."""
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0, -t, t)
+
+
+@triton.jit
 def _capped(u, cap, inv_T, SOFTCAP: tl.constexpr):
     """z = softcap(u)/T (u already holds z when there is no softcap)."""
     if SOFTCAP:
-        return _libdevice.tanh(u / cap) * (cap * inv_T)
+        return _tanh(u / cap) * (cap * inv_T)
     return u
 
 
@@ -226,8 +230,8 @@ def rows_config(V: int) -> tuple[int, int]:
 def triton_chunk_rows(N: int, V: int, dtype: torch.dtype) -> int:
     """Rows per chunk: as many as let the [C, V] buffers (two fp32 logits, and g unless fp32) fit
     :data:`CHUNK_BUFFER_BYTES`, then evened out over the chunks N needs and rounded up to a
-    multiple of 64, so that every chunk (the last included) is a whole number of GEMM tiles and
-    the dW GEMM's inner dimension stays 16-aligned."""
+    multiple of 64, so that every chunk (the last one too when N is a multiple of 64) is a whole
+    number of GEMM tiles and the dW GEMM's inner dimension stays 16-aligned."""
     per_row = V * (8 + (0 if dtype == torch.float32 else torch.finfo(dtype).bits // 8))
     most = max(1, CHUNK_BUFFER_BYTES // max(per_row, 1))
     if N <= most:

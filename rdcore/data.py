@@ -272,6 +272,46 @@ def load_rule_file(path: str | os.PathLike, *, require_output: bool = True) -> l
     return examples
 
 
+@dataclass(frozen=True)
+class EvalRow:
+    """One row of an evaluation file: the example (its rule, context, input; output optional) and
+    the row itself (its ``judge`` and ``expect`` fields, and any others a judge may read)."""
+
+    example: RuleExample
+    row: dict[str, Any]
+    index: int
+
+
+EVAL_FIELDS = ("rule", "input", "context", "output", "judge", "expect")
+
+
+def load_eval_file(path: str | os.PathLike, *, need_rule: bool = False) -> list[EvalRow]:
+    """Read a user's evaluation file: ``.json`` list or ``.jsonl`` rows with ``input`` and, as
+    needed, ``rule`` (the teacher side reads it; ``need_rule``), ``context``, ``output`` (a
+    reference, optional), ``judge`` and ``expect`` (what the judge wants of this row; see
+    :mod:`rdcore.judges`). Other fields are kept for the judge."""
+    path = Path(path)
+    out = []
+    for i, raw in enumerate(_read_rows(path)):
+        where = f"{path}: row {i}"
+        if not isinstance(raw, dict):
+            raise DataError(f"{where}: expected an object with at least an 'input' field, got "
+                            f"{type(raw).__name__}")
+        for name in ("rule", "input", "context", "output", "judge"):
+            if name in raw and not isinstance(raw[name], str):
+                raise DataError(f"{where}: field {name!r} must be a string, got "
+                                f"{type(raw[name]).__name__}")
+        if not str(raw.get("input", "")).strip():
+            raise DataError(f"{where}: missing or empty field 'input'")
+        if need_rule and not str(raw.get("rule", "")).strip():
+            raise DataError(f"{where}: missing or empty field 'rule' (the teacher side reads the "
+                            "rule)")
+        ex = RuleExample(rule=raw.get("rule", ""), context=raw.get("context", ""),
+                         input=raw["input"], output=raw.get("output", ""), source=f"{path}:{i}")
+        out.append(EvalRow(ex, dict(raw), i))
+    return out
+
+
 def canonical_rule(task: str) -> str:
     """One rule text for every row of a task whose files word it in several ways.
 

@@ -43,27 +43,33 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 if __package__ in (None, ""):  # run as a script: its folder must not shadow installed modules
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
 
 import torch
 
-from rdcore import ConfigError, RdcoreError
+from rdcore import ConfigError, DataError, RdcoreError
+from rdcore.cli import check_choices, option
 from rdcore.data import (
-    TEMPLATES,
+    TASK_ALIASES,
     Encoder,
+    EvalRow,
     RuleExample,
     canonical_rule,
+    load_eval_file,
     load_task,
     replace_rule,
     swap_rule_wordings,
-    task_name,
 )
 from rdcore.models import is_model_dir, load_model
 
 MAX_NEW_TOKENS = {"math": 16, "jailbreak": 96, "bob": 96}
+DATA_MAX_NEW_TOKENS = 64
+Task = Literal["math", "jailbreak", "bob"]
+Side = Literal["student", "teacher"]
+Template = Literal["alpaca", "chat"]
 SPLITS = {"math": ("test_id", "test_ood"), "jailbreak": ("harmful_test", "helpful_test"),
           "bob": ("test",)}
 REFUSAL_PHRASES = (
@@ -230,51 +236,72 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_n
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
+WHAT, GENERATION, OUTPUT = "what to evaluate", "generation", "output"
+
+
 @dataclass
 class EvalConfig:
     """What to evaluate (command-line flags have the same names)."""
 
-    model: str = ""
+    model: str = option("", WHAT)
     """A run folder (uses its final/), a Hugging Face model folder or a preset."""
-    task: str = "math"
-    """math, jailbreak or bob."""
-    split: str = ""
-    """Test split (default: the task's first: test_id, harmful_test, test)."""
-    side: str = "student"
-    """student: prompts without the rule; teacher: with it (the reference)."""
-    template: str = "alpaca"
+    data: str | None = option(None, WHAT)
+    """Your own test file (.json or .jsonl rows of rule, input, and judge/expect as needed) instead
+    of a packaged task; see rdcore.judges for the judges and the row format."""
+    judge: str = option("", WHAT)
+    """With --data: the judge of rows that name none: a built-in one (exact, contains,
+    not_contains, starts_with, ends_with, regex, sentiment, language, uppercase, max_words) or
+    module:function."""
+    expect: str = option("", WHAT)
+    """With --data: what the judge wants of rows without an 'expect' field (e.g. fr for language,
+    a phrase for contains, positive for sentiment)."""
+    task: Task = option("math", WHAT)
+    """Packaged task (without --data): math, jailbreak or bob."""
+    split: str = option("", WHAT)
+    """Test split of the task (default: the task's first: test_id, harmful_test, test)."""
+    side: Side = option("student", WHAT)
+    """student: prompts without the rule (what the distilled model must do); teacher: with it."""
+    template: Template = option("alpaca", GENERATION)
     """Prompt template, as in training."""
-    rule_text: str = ""
-    """Replace every row's rule (teacher side) with this text; "canonical": the task's single
+    rule_text: str = option("", GENERATION)
+    """Replace every row's rule (teacher side) with this text. "canonical": the task's single
     wording (bob); "swap": the wording-swap test (rows in one of the file's two wordings get the
     other, see rdcore.data.swap_rule_wordings). Empty: the rules as in the test file."""
-    max_new_tokens: int = 0
-    """Tokens to generate (0: the task's default)."""
-    batch_size: int = 8
+    max_new_tokens: int = option(0, GENERATION)
+    """Tokens to generate (0: the task's default; 64 with --data)."""
+    batch_size: int = option(8, GENERATION)
     """Prompts per generation batch."""
-    limit: int = 0
+    limit: int = option(0, GENERATION)
     """Evaluate only the first N examples (0: all)."""
-    max_length: int = 2048
+    max_length: int = option(2048, GENERATION)
     """Longest allowed prompt."""
-    output_dir: str = ""
-    """Where eval.json and generations.jsonl go (default: <model>/eval/<task>_<split>_<side>)."""
+    output_dir: str = option("", OUTPUT)
+    """Where eval.json and generations.jsonl go (default: <model>/eval/<task or file>_<side>)."""
 
     def __post_init__(self) -> None:
-        self.task = task_name(self.task)
-        self.split = self.split or SPLITS[self.task][0]
-        if self.split not in SPLITS[self.task]:
-            raise ConfigError(f"task {self.task!r} has test splits {SPLITS[self.task]}, "
-                              f"not {self.split!r}")
-        if self.side not in ("student", "teacher"):
-            raise ConfigError(f"side must be 'student' or 'teacher', got {self.side!r}")
-        if self.template not in TEMPLATES:
-            raise ConfigError(f"template must be one of {TEMPLATES}")
+        self.task = TASK_ALIASES.get(self.task, self.task)
+        check_choices(self, skip=("task",) if self.data else ())
+        if self.data is None:
+            self.split = self.split or SPLITS[self.task][0]
+            if self.split not in SPLITS[self.task]:
+                raise ConfigError(f"task {self.task!r} has test splits {SPLITS[self.task]}, "
+                                  f"not {self.split!r}")
+        elif self.judge:
+            from rdcore.judges import resolve
+
+            resolve(self.judge)  # an unknown judge stops here, before any model is loaded
         for name in ("batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
         if self.limit < 0 or self.max_new_tokens < 0:
             raise ConfigError("limit and max_new_tokens must be >= 0")
-        self.max_new_tokens = self.max_new_tokens or MAX_NEW_TOKENS[self.task]
+        self.max_new_tokens = self.max_new_tokens or (
+            DATA_MAX_NEW_TOKENS if self.data else MAX_NEW_TOKENS[self.task])
+
+    @property
+    def name(self) -> str:
+        """The evaluation's name: the task and split, or the data file's stem."""
+        return f"{Path(self.data).stem}" if self.data else f"{self.task}_{self.split}"
 
 
 def resolve_model(name: str) -> str:
@@ -315,19 +342,91 @@ def _write(cfg: EvalConfig, out: Path, indices: Sequence[int], chosen: Sequence[
             fh.write(json.dumps({"index": i, "input": ex.input, "reference": ex.output,
                                  "generation": a, **j}) + "\n")
     result = {"metrics": metrics, "model": cfg.model, "task": cfg.task, "split": cfg.split,
-              "side": cfg.side, "n_examples": len(chosen), "config": asdict(cfg)}
+              "side": cfg.side, "n_examples": len(chosen), "output_dir": str(out),
+              "config": asdict(cfg)}
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def select_rows(cfg: EvalConfig) -> list[EvalRow]:
+    """The rows of a ``--data`` evaluation (``--limit``, ``--rule_text``)."""
+    rows = load_eval_file(cfg.data, need_rule=cfg.side == "teacher")
+    rows = rows[: cfg.limit] if cfg.limit else rows
+    if cfg.rule_text:
+        rows = [EvalRow(ex, r.row, r.index) for ex, r in
+                zip(replace_rule([r.example for r in rows], cfg.rule_text), rows)]
+    return rows
+
+
+def judge_rows(cfg: EvalConfig, rows: Sequence[EvalRow], answers: Sequence[str]
+               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Each row's verdict by its own judge (its ``judge`` field, else ``--judge``) and what it
+    expects (its ``expect`` field, else ``--expect``); the rule-following rate with its 95 %
+    Wilson interval, overall and per judge and per rule."""
+    from rdcore.judges import resolve, score
+    from rdcore.stats import wilson_interval
+
+    judges: dict[str, Any] = {}
+    per = []
+    for r, answer in zip(rows, answers):
+        name = r.row.get("judge") or cfg.judge
+        where = f"{cfg.data}: row {r.index}"
+        if not name:
+            raise DataError(f"{where}: no judge: give the row a 'judge' field or pass --judge")
+        if name not in judges:
+            try:
+                judges[name] = resolve(name)
+            except ConfigError as err:
+                raise ConfigError(f"{where}: field 'judge': {err}") from None
+        row = dict(r.row)
+        if row.get("expect") in (None, "") and cfg.expect:
+            row["expect"] = cfg.expect
+        value = score(name, judges[name], r.example.input, answer, row, where)
+        per.append({"judge": name, "expect": row.get("expect"), "score": value})
+
+    def summary(values: list[float]) -> dict[str, Any]:
+        low, high = wilson_interval(round(sum(values)), len(values))
+        return {"rate": sum(values) / len(values), "n": len(values), "ci95": [low, high]}
+
+    metrics = summary([p["score"] for p in per])
+    for key, label in (("judge", "by_judge"), ("rule", "by_rule")):
+        groups: dict[str, list[float]] = {}
+        for r, p in zip(rows, per):
+            group = p["judge"] if key == "judge" else r.example.rule
+            groups.setdefault(group, []).append(p["score"])
+        if len(groups) > 1:
+            metrics[label] = {g: summary(v) for g, v in groups.items()}
+    return metrics, per
+
+
+def _write_rows(cfg: EvalConfig, out: Path, rows: Sequence[EvalRow], answers: Sequence[str]
+                ) -> dict[str, Any]:
+    metrics, per = judge_rows(cfg, rows, answers)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "generations.jsonl").open("w") as fh:
+        for r, a, p in zip(rows, answers, per):
+            fh.write(json.dumps({"index": r.index, "rule": r.example.rule, "input": r.example.input,
+                                 "reference": r.example.output, "generation": a, **p}) + "\n")
+    result = {"metrics": metrics, "model": cfg.model, "data": cfg.data, "side": cfg.side,
+              "n_examples": len(rows), "output_dir": str(out), "config": asdict(cfg)}
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
 def evaluate(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
     """Run one evaluation and write its files; returns the eval.json content."""
+    rows = select_rows(cfg) if cfg.data else None  # a bad file stops before the model loads
     if model is None:
         model, tokenizer = load_model(resolve_model(cfg.model))
+    out = Path(cfg.output_dir or Path(cfg.model) / "eval" / f"{cfg.name}_{cfg.side}")
+    encoder = Encoder(tokenizer, cfg.template, cfg.max_length)
+    if rows is not None:
+        prompts = encoder.encode_prompts([r.example for r in rows], cfg.side)
+        answers = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
+        return _write_rows(cfg, out, rows, answers)
     indices, chosen = select_examples(cfg)
-    prompts = Encoder(tokenizer, cfg.template, cfg.max_length).encode_prompts(chosen, cfg.side)
+    prompts = encoder.encode_prompts(chosen, cfg.side)
     answers = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
-    out = Path(cfg.output_dir or Path(cfg.model) / "eval" / f"{cfg.task}_{cfg.split}_{cfg.side}")
     return _write(cfg, out, indices, chosen, answers)
 
 
@@ -344,6 +443,11 @@ def rejudge(out: Path) -> dict[str, Any]:
     if not saved.is_file() or not (out / "generations.jsonl").is_file():
         raise ConfigError(f"{out} holds no evaluation (eval.json and generations.jsonl)")
     cfg = EvalConfig(**json.loads(saved.read_text())["config"])
+    if cfg.data:
+        rows, saved_rows = select_rows(cfg), read_generations(out)
+        if [r["index"] for r in saved_rows] != [r.index for r in rows]:
+            raise ConfigError(f"{out}/generations.jsonl does not hold the rows of {cfg.data}")
+        return _write_rows(cfg, out, rows, [r["generation"] for r in saved_rows])
     indices, chosen = select_examples(cfg)
     rows = read_generations(out)
     if [r["index"] for r in rows] != indices:
@@ -372,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rdcore: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(result["metrics"], indent=2))
+    print(f"eval.json and generations.jsonl in {result['output_dir']}", file=sys.stderr)
     return 0
 
 

