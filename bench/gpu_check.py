@@ -131,7 +131,7 @@ def step_prefix_attention() -> dict:
     for name, window, cap in (("plain", None, None), ("window", 700, None), ("softcap", None, 50.0)):
         res = {}
         for backend in ("exact", "flex"):
-            for rep in range(3):  # the first flex call compiles
+            for _ in range(3):  # the first flex call compiles
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()

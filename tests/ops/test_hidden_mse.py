@@ -59,7 +59,8 @@ def test_zero_vectors_masks_and_constant_teacher(impl):
     assert all(x.grad is None for x in teach)
     ref = normalized_hidden_mse_reference([x.detach() for x in leaves], [x.detach() for x in teach])
     torch.testing.assert_close(out, ref)
-    none = normalized_hidden_mse(leaves, teach, mask=torch.zeros(6, dtype=torch.bool, device=DEVICE), impl=impl)
+    none = normalized_hidden_mse(leaves, teach, mask=torch.zeros(6, dtype=torch.bool, device=DEVICE),
+                                 impl=impl)
     assert none.item() == 0
 
 
@@ -68,7 +69,8 @@ def test_non_contiguous_and_bad_arguments(impl):
     s, t = states(2, 8, 16)
     strided = [torch.stack([x, x], -1).reshape(8, 32)[:, ::2] for x in s]
     assert not strided[0].is_contiguous()
-    a = normalized_hidden_mse([x.float().to(DEVICE) for x in strided], [x.float().to(DEVICE) for x in t], impl=impl)
+    a = normalized_hidden_mse([x.float().to(DEVICE) for x in strided],
+                              [x.float().to(DEVICE) for x in t], impl=impl)
     b = normalized_hidden_mse([x.float().to(DEVICE) for x in s], [x.float().to(DEVICE) for x in t], impl=impl)
     torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="same non-zero number"):
@@ -85,7 +87,7 @@ def test_long_and_odd_rows(H):
     s, t = states(2, 5, H)
     truth = run(normalized_hidden_mse_reference, s, t, torch.float64, 0.7)
     for impl in IMPLS:
-        ours = run(lambda a, b, **k: normalized_hidden_mse(a, b, impl=impl, **k), s, t,
+        ours = run(lambda a, b, impl=impl, **k: normalized_hidden_mse(a, b, impl=impl, **k), s, t,
                    torch.float32, 0.7)
         for o, w in zip(ours, truth):
             assert err(o, w) < 1e-5, (impl, H)

@@ -85,7 +85,8 @@ def test_all_rows_masked_gives_zero_not_nan(impl):
     x, xt, w, _ = make(9, 8, 100)
     xs = x.float().to(DEVICE).requires_grad_()
     ws = w.float().to(DEVICE).requires_grad_()
-    out = fused_linear_kl(xs, xt.float().to(DEVICE), ws, mask=torch.zeros(9, dtype=torch.bool, device=DEVICE), impl=impl)
+    none = torch.zeros(9, dtype=torch.bool, device=DEVICE)
+    out = fused_linear_kl(xs, xt.float().to(DEVICE), ws, mask=none, impl=impl)
     out.backward()
     assert out.item() == 0 and (xs.grad == 0).all() and (ws.grad == 0).all()
 
@@ -109,7 +110,8 @@ def test_teacher_side_is_a_constant(impl):
     assert xts.grad is None and xs.grad is not None
     # the gradient through W is the student part only: compare with a detached teacher copy
     ws2 = w.float().to(DEVICE).requires_grad_()
-    fused_linear_kl(x.float().to(DEVICE), xt.float().to(DEVICE), ws2, w.float().to(DEVICE).clone(), impl=impl).backward()
+    fused_linear_kl(x.float().to(DEVICE), xt.float().to(DEVICE), ws2, w.float().to(DEVICE).clone(),
+                    impl=impl).backward()
     torch.testing.assert_close(ws.grad, ws2.grad)
 
 
