@@ -190,13 +190,16 @@ def test_logit_transform_and_bias_against_fp64_truth(dtype, impl):
 
 
 def test_chunk_geometry_follows_the_problem():
-    from rdcore.kernels.linear_kl_torch import MIN_CHUNK_ROWS, torch_chunk_rows
+    from rdcore.kernels.linear_kl_torch import MAX_CHUNK_ROWS, MIN_CHUNK_ROWS, torch_chunk_rows
     from rdcore.kernels.linear_kl_triton import CHUNK_BUFFER_BYTES, triton_chunk_rows
 
-    # CPU: a compute-bound dW update (C >= 256) and logit buffers no larger than the weight
-    assert torch_chunk_rows(1024, 262144, 640, 4) == 320  # 2·C·V·4 B = V·H·4 B
-    assert torch_chunk_rows(4096, 32000, 2048, 4) == 1024
-    assert torch_chunk_rows(8192, 128256, 64, 4) == MIN_CHUNK_ROWS
+    # CPU: GEMMs at their best (512 rows), within twice the weight's bytes, never below 256 rows
+    # (a compute-bound dW update), evened out over the chunks
+    assert torch_chunk_rows(1024, 262144, 640, 4) == MAX_CHUNK_ROWS
+    assert torch_chunk_rows(4096, 32000, 2048, 4) == MAX_CHUNK_ROWS
+    assert torch_chunk_rows(8192, 128256, 64, 4) == MIN_CHUNK_ROWS  # a small H: the floor
+    assert torch_chunk_rows(4096, 32000, 200, 4) == 400  # 2·C·V·4 B ≤ 2 · V·H·4 B
+    assert torch_chunk_rows(5000, 32000, 512, 4) == 500  # 10 even chunks, not 9 + 392 rows
     assert torch_chunk_rows(100, 32000, 512, 4) == 100
     # Triton: within the buffer budget, evened out over the chunks, a multiple of 64
     for N, V in [(8192, 128256), (1024, 262144), (5000, 128256)]:
