@@ -198,7 +198,7 @@ def test_chunk_geometry_follows_the_problem():
     assert torch_chunk_rows(1024, 262144, 640, 4) == MAX_CHUNK_ROWS
     assert torch_chunk_rows(4096, 32000, 2048, 4) == MAX_CHUNK_ROWS
     assert torch_chunk_rows(8192, 128256, 64, 4) == MIN_CHUNK_ROWS  # a small H: the floor
-    assert torch_chunk_rows(4096, 32000, 200, 4) == 400  # 2·C·V·4 B ≤ 2 · V·H·4 B
+    assert torch_chunk_rows(4096, 32000, 400, 4) == 373  # 2·C·V·4 B ≤ 2 · V·H·4 B: 11 chunks
     assert torch_chunk_rows(5000, 32000, 512, 4) == 500  # 10 even chunks, not 9 + 392 rows
     assert torch_chunk_rows(100, 32000, 512, 4) == 100
     # Triton: within the buffer budget, evened out over the chunks, a multiple of 64
