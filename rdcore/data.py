@@ -57,7 +57,7 @@ ALPACA_PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes "
     "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
-TEMPLATES = ("alpaca", "chat")
+TEMPLATES = ("alpaca", "chat", "chat_system")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,17 +412,18 @@ class EncodedDataset:
 class Encoder:
     """Turns :class:`RuleExample` rows into aligned teacher/student token sequences.
 
-    ``template``: ``"alpaca"`` (the paper's prompt; an EOS token is appended to the response) or
+    ``template``: ``"alpaca"`` (the paper's prompt; an EOS token is appended to the response),
     ``"chat"`` (the tokenizer's chat template; the rule and context go into the user message and the
-    response ends with the template's end-of-turn text).
+    response ends with the template's end-of-turn text) or ``"chat_system"`` (the same, the rule in
+    the system message; the student's prompt has none, or the template's default).
     """
 
     def __init__(self, tokenizer: Any, template: str = "alpaca", max_length: int = 1024):
         if template not in TEMPLATES:
             raise DataError(f"unknown template {template!r}; choose one of {TEMPLATES}")
-        if template == "chat" and not getattr(tokenizer, "chat_template", None):
-            raise DataError("template 'chat' needs a tokenizer with a chat template; this one has "
-                            "none (use template='alpaca')")
+        if template != "alpaca" and not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"template {template!r} needs a tokenizer with a chat template; this "
+                            "one has none (use template='alpaca')")
         if template == "alpaca" and tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no EOS token, which the alpaca template appends")
         if max_length < 2:
@@ -432,24 +433,35 @@ class Encoder:
         self.max_length = max_length
 
     # ---- text ----------------------------------------------------------------------------------
-    def prompt_text(self, instruction: str, input: str) -> str:
+    def side_texts(self, ex: RuleExample, side: str) -> tuple[str, str, str]:
+        """(system, instruction, input) of ``side``: the rule goes into the instruction (alpaca,
+        chat: before the context) or, with ``chat_system``, into the system message."""
+        if self.template == "chat_system":
+            return (ex.rule if side == "teacher" else ""), ex.context, ex.input
+        instruction = ex.teacher_instruction if side == "teacher" else ex.student_instruction
+        return "", instruction, ex.input
+
+    def _messages(self, system: str, instruction: str, input: str) -> list[dict[str, str]]:
+        user = f"{instruction}\n\n{input}" if instruction and input else (instruction or input)
+        head = [{"role": "system", "content": system}] if system else []
+        return [*head, {"role": "user", "content": user}]
+
+    def prompt_text(self, instruction: str, input: str, system: str = "") -> str:
         """The prompt (everything before the response) for one side."""
         if self.template == "alpaca":
             if input:
                 return ALPACA_PROMPT_INPUT.format(instruction=instruction, input=input)
             return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
-        user = f"{instruction}\n\n{input}" if instruction and input else (instruction or input)
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": user}],
+        return self.tokenizer.apply_chat_template(self._messages(system, instruction, input),
                                                   tokenize=False, add_generation_prompt=True)
 
-    def response_text(self, instruction: str, input: str, output: str) -> str:
+    def response_text(self, instruction: str, input: str, output: str, system: str = "") -> str:
         """The response text as the template renders it (chat: includes end-of-turn)."""
         if self.template == "alpaca":
             return output
-        prompt = self.prompt_text(instruction, input)
-        user = f"{instruction}\n\n{input}" if instruction and input else (instruction or input)
+        prompt = self.prompt_text(instruction, input, system)
         full = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}, {"role": "assistant", "content": output}],
+            [*self._messages(system, instruction, input), {"role": "assistant", "content": output}],
             tokenize=False)
         if not full.startswith(prompt):
             raise DataError("the tokenizer's chat template does not render the assistant turn as a "
@@ -469,11 +481,13 @@ class Encoder:
         return prompt_ids, joint[len(prompt_ids):]
 
     def encode_one(self, ex: RuleExample) -> EncodedExample:
-        t_prompt = self.prompt_text(ex.teacher_instruction, ex.input)
-        s_prompt = self.prompt_text(ex.student_instruction, ex.input)
-        response = self.response_text(ex.student_instruction, ex.input, ex.output)
-        if self.template == "chat":  # the end-of-turn text must not depend on the side
-            t_resp = self.response_text(ex.teacher_instruction, ex.input, ex.output)
+        t_sys, t_instr, _ = self.side_texts(ex, "teacher")
+        s_sys, s_instr, _ = self.side_texts(ex, "student")
+        t_prompt = self.prompt_text(t_instr, ex.input, t_sys)
+        s_prompt = self.prompt_text(s_instr, ex.input, s_sys)
+        response = self.response_text(s_instr, ex.input, ex.output, s_sys)
+        if self.template != "alpaca":  # the end-of-turn text must not depend on the side
+            t_resp = self.response_text(t_instr, ex.input, ex.output, t_sys)
             if t_resp != response:
                 raise DataError(f"{ex.source}: the chat template renders the response differently "
                                 "with and without the rule")
@@ -515,8 +529,8 @@ class Encoder:
             raise DataError(f"side must be 'teacher' or 'student', got {side!r}")
         out = []
         for ex in examples:
-            instr = ex.teacher_instruction if side == "teacher" else ex.student_instruction
-            ids = self._encode_text(self.prompt_text(instr, ex.input), True)
+            system, instr, _ = self.side_texts(ex, side)
+            ids = self._encode_text(self.prompt_text(instr, ex.input, system), True)
             if len(ids) > self.max_length:
                 raise DataError(f"{ex.source}: the {side} prompt is {len(ids)} tokens, "
                                 f"{len(ids) - self.max_length} over max_length={self.max_length}")

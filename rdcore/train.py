@@ -56,15 +56,24 @@ from rdcore.data import (
     Batch,
     EncodedDataset,
     Encoder,
+    RuleExample,
     canonical_rule,
     collate,
     load_rule_file,
     load_task,
     replace_rule,
 )
-from rdcore.distill import RuleDistillModule, TeacherTargets, add_lora, eval_mode, lora_config
+from rdcore.distill import (
+    RuleDistillModule,
+    TeacherTargets,
+    add_lora,
+    eval_mode,
+    lora_config,
+    teacher_adapter,
+)
 from rdcore.metrics import MetricsLog
-from rdcore.models import load_model
+from rdcore.models import load_model, weights_fingerprint
+from rdcore.respond import Sampling, fingerprint, load_or_write, with_responses
 
 log = logging.getLogger("rdcore.train")
 
@@ -114,18 +123,56 @@ def lr_lambda_for(cfg: TrainConfig, total_steps: int):
     return fn
 
 
-def build_data(cfg: TrainConfig, tokenizer: Any, split: str = "train") -> EncodedDataset:
-    """The encoded training examples, or (``split="valid"``) the validation examples of
-    ``select_best``: ``val_data`` or the task's validation file for ``shots`` and ``seed``."""
+def load_examples(cfg: TrainConfig, split: str = "train") -> list[RuleExample]:
+    """The training examples, or (``split="valid"``) the validation examples of ``select_best``:
+    ``val_data`` or the task's validation file for ``shots`` and ``seed``. With teacher-written
+    responses a row's output may be missing (the teacher writes it)."""
+    need = cfg.responses == "reference"
+    if cfg.task == "rulebook" and cfg.data is None and not (split == "valid" and cfg.val_data):
+        from rdcore import rulebook
+
+        return [ex for name in cfg.rules for ex in load_rule_file(
+            rulebook.rule_file(name, split, cfg.shots), require_output=False)]
     if split == "valid":
-        examples = (load_rule_file(cfg.val_data) if cfg.val_data else
+        examples = (load_rule_file(cfg.val_data, require_output=need) if cfg.val_data else
                     load_task(cfg.task, "valid", cfg.shots, cfg.seed))
     else:
-        examples = load_rule_file(cfg.data) if cfg.data else load_task(cfg.task, "train", cfg.shots)
+        examples = (load_rule_file(cfg.data, require_output=need) if cfg.data else
+                    load_task(cfg.task, "train", cfg.shots))
     if cfg.rule_text:
         text = canonical_rule(cfg.task) if cfg.rule_text == "canonical" else cfg.rule_text
         examples = replace_rule(examples, text)
+    return examples
+
+
+def build_data(cfg: TrainConfig, tokenizer: Any, split: str = "train",
+               examples: list[RuleExample] | None = None) -> EncodedDataset:
+    """The encoded examples of ``split`` (``examples``: these instead of the loaded ones)."""
+    examples = load_examples(cfg, split) if examples is None else examples
     return Encoder(tokenizer, cfg.template, cfg.max_length).encode(examples)
+
+
+def teacher_written(stage: Stage, model: Any, tokenizer: Any, examples: list[RuleExample],
+                    split: str, out: Path, rank: int, world: int) -> list[RuleExample]:
+    """``examples`` with the responses the stage's teacher writes (``--responses teacher``):
+    generated once (each rank a share, on its device), stored in
+    ``out/responses_<stage>_<split>.jsonl`` and read from there when the run resumes."""
+    cfg = stage.cfg
+    encoder = Encoder(tokenizer, cfg.template, cfg.max_length)
+    sampling = Sampling(cfg.response_tokens, cfg.response_temperature, cfg.seed)
+    teacher = (weights_fingerprint(model.named_parameters()) if cfg.finetune == "full" else
+               eng.frozen_fingerprint(model))
+    key = fingerprint(examples, encoder, sampling, json.dumps([cfg.model, cfg.teacher_mode,
+                                                               teacher]))
+    path = out / f"responses_{stage.name}_{split}.jsonl"
+    if torch.cuda.is_available():
+        model.to(torch.device("cuda", eng.local_rank() % torch.cuda.device_count()))
+    with teacher_adapter(model, cfg.teacher_mode):
+        got = load_or_write(path, key, causal_lm(model), tokenizer, examples, encoder, sampling,
+                            rank, world, eng.barrier, eng.all_gather_objects)
+    log.info("[%s] teacher-written responses for %d %s examples in %s", stage.name, len(got),
+             split, path)
+    return with_responses(examples, got, str(path))
 
 
 def steps_per_epoch(n_examples: int, cfg: TrainConfig, world: int) -> int:
@@ -273,11 +320,19 @@ def setup_stage(stage: Stage, out: Path, rank: int, world: int) -> StageRun:
     # fine-tune would keep it: any dropout of the architecture off); the teacher pass and
     # validation switch to eval mode themselves
     model.train()
-    data = build_data(cfg, tokenizer)
+    examples = load_examples(cfg)
+    if cfg.responses == "teacher":
+        examples = teacher_written(stage, model, tokenizer, examples, "train", out, rank, world)
+    data = build_data(cfg, tokenizer, examples=examples)
     log.info("[%s] %s, %s: %d examples, rule prefix %d tokens, template %s", stage.name,
              cfg.method, cfg.finetune, len(data), data.rule_prefix_len, cfg.template)
     schedule = step_schedule(len(data), cfg, world)
-    val_data = build_data(cfg, tokenizer, "valid") if cfg.select_best else None
+    val_data = None
+    if cfg.select_best:
+        val = load_examples(cfg, "valid")
+        if cfg.responses == "teacher":
+            val = teacher_written(stage, model, tokenizer, val, "valid", out, rank, world)
+        val_data = build_data(cfg, tokenizer, "valid", val)
     module = build_module(cfg, model, data, stage.name)
     frozen = eng.frozen_fingerprint(model)  # checkpoints omit frozen weights: resume checks them
     layer = decoder_layers(model)[0]
