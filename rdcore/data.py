@@ -257,14 +257,17 @@ def load_paper_pair(full_path: str | os.PathLike, no_path: str | os.PathLike, *,
 
 
 def load_rule_file(path: str | os.PathLike, *, require_output: bool = True) -> list[RuleExample]:
-    """Read a user's file of ``{rule, input, output}`` rows (optional ``context``).
+    """Read a user's file of ``{rule, input, output}`` rows (optional ``context``; ``output``
+    optional too without ``require_output``: teacher-written responses fill it).
 
-    JSON list (``.json``) or JSON lines (``.jsonl``).
+    JSON list (``.json``) or JSON lines (``.jsonl``). Other fields are ignored.
     """
     path = Path(path)
     examples = []
     for i, raw in enumerate(_read_rows(path)):
-        r = _check_row(path, i, raw, ("rule", "input", "output"), ("context",), require_output)
+        required = ("rule", "input", "output") if require_output else ("rule", "input")
+        optional = ("context",) if require_output else ("context", "output")
+        r = _check_row(path, i, raw, required, optional, require_output)
         if not r["rule"].strip():
             raise DataError(f"{path}: row {i}: field 'rule' is empty")
         examples.append(RuleExample(rule=r["rule"], context=r["context"], input=r["input"],
