@@ -472,6 +472,30 @@ def rejudge(out: Path) -> dict[str, Any]:
     return _write(cfg, out, indices, chosen, [r["generation"] for r in rows])
 
 
+def compare(dirs: Sequence[Path]) -> str:
+    """A markdown table of evaluations (their eval.json): model, side, rate with its 95 % interval
+    and rows — e.g. the model before training without the rule, the teacher with it, and the
+    distilled student without it."""
+    lines = ["| evaluation | model | side | rule followed | 95 % interval | n |",
+             "|---|---|---|---|---|---|"]
+    for d in dirs:
+        path = Path(d) / "eval.json"
+        if not path.is_file():
+            raise ConfigError(f"{d} holds no evaluation (no eval.json)")
+        r = json.loads(path.read_text())
+        m = r["metrics"]
+        rate = m.get("rate")
+        if rate is None:  # a paper task: its main metric
+            key = next(iter(m))
+            rate, ci, n = m[key], None, r["n_examples"]
+        else:
+            ci, n = m["ci95"], m["n"]
+        interval = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "—"
+        lines.append(f"| {Path(d).name} | {r['model']} | {r['side']} | {rate:.2f} | {interval} | "
+                     f"{n} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from rdcore.cli import build, namespace_values, parser_for
 
@@ -479,8 +503,13 @@ def main(argv: list[str] | None = None) -> int:
                     description=__doc__.split("\n\n")[0])
     ap.add_argument("--rejudge", nargs="+", type=Path, metavar="DIR",
                     help="judge these evaluations' saved generations again (no model needed)")
+    ap.add_argument("--compare", nargs="+", type=Path, metavar="DIR",
+                    help="print a table of these evaluations (e.g. before / teacher / after)")
     ns = ap.parse_args(argv)
     try:
+        if ns.compare:
+            print(compare(ns.compare))
+            return 0
         if ns.rejudge:
             for d in ns.rejudge:
                 print(d, json.dumps(rejudge(d)["metrics"]))
