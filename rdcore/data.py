@@ -400,6 +400,11 @@ class EncodedDataset:
     template: str
     max_length: int
     notes: list[str] = field(default_factory=list)
+    prefix_groups: list[int] | None = None
+    """With several rules, each shared by several rows: each example's rule group (its index
+    into :attr:`group_prefix_lens`); None: one prefix for all rows."""
+    group_prefix_lens: list[int] = field(default_factory=list)
+    """The prefix each rule group shares (its teacher sequences' common part; ≥ the global one)."""
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -410,6 +415,22 @@ class EncodedDataset:
     @property
     def rule_prefix_ids(self) -> list[int]:
         return self.examples[0].teacher_ids[: self.rule_prefix_len] if self.examples else []
+
+    @property
+    def prefixes(self) -> list[list[int]]:
+        """The rule prefixes to cache: one per rule group, or the one shared by all rows."""
+        if self.prefix_groups is None:
+            return [self.rule_prefix_ids] if self.rule_prefix_len else []
+        first = {g: i for i, g in reversed(list(enumerate(self.prefix_groups)))}
+        return [self.examples[first[g]].teacher_ids[:n]
+                for g, n in enumerate(self.group_prefix_lens)]
+
+    def prefix_of(self, i: int) -> tuple[int, int]:
+        """(prefix group, prefix length) of example ``i``."""
+        if self.prefix_groups is None:
+            return 0, self.rule_prefix_len
+        g = self.prefix_groups[i]
+        return g, self.group_prefix_lens[g]
 
 
 class Encoder:
@@ -549,15 +570,40 @@ class Encoder:
         if merges:
             notes.append(f"{merges} example(s) merged tokens across the prompt/response boundary; "
                          "their response was tokenised on its own after the prompt")
-        rules = {ex.rule for ex in examples}
+        rules = list(dict.fromkeys(ex.rule for ex in examples))
         prefix = rule_prefix_len([e.teacher_ids for e in encoded],
                                  [e.teacher_response_start for e in encoded])
-        if len(rules) > 1:
+        groups, lens = rule_groups(examples, encoded)
+        if groups is not None:
+            notes.append(f"the rule text varies across rows ({len(rules)} distinct texts, each "
+                         f"shared by several rows): one rule prefix per rule ({min(lens)}–"
+                         f"{max(lens)} tokens) instead of the {prefix} tokens all rows share")
+        elif len(rules) > 1:
             notes.append(f"the rule text varies across rows ({len(rules)} distinct texts); the rule "
                          f"prefix shared by all rows is only their common part: {prefix} tokens")
         for note in notes:
             log.warning(note)
-        return EncodedDataset(encoded, prefix, len(rules), self.template, self.max_length, notes)
+        return EncodedDataset(encoded, prefix, len(rules), self.template, self.max_length, notes,
+                              groups, lens)
+
+
+def rule_groups(examples: Sequence[RuleExample], encoded: Sequence[EncodedExample]
+                ) -> tuple[list[int] | None, list[int]]:
+    """One prefix per distinct rule text when there are several and each is shared by at least
+    two rows (a rule book run on several rules); otherwise ``(None, [])``: the prefix common to
+    all rows serves (one rule, or a rule text that varies per row, like the arithmetic files'
+    per-row examples)."""
+    order = list(dict.fromkeys(ex.rule for ex in examples))
+    members: dict[str, list[int]] = {r: [] for r in order}
+    for i, ex in enumerate(examples):
+        members[ex.rule].append(i)
+    if len(order) < 2 or any(len(m) < 2 for m in members.values()):
+        return None, []
+    lens = [rule_prefix_len([encoded[i].teacher_ids for i in members[r]],
+                            [encoded[i].teacher_response_start for i in members[r]])
+            for r in order]
+    index = {r: g for g, r in enumerate(order)}
+    return [index[ex.rule] for ex in examples], lens
 
 
 def rule_prefix_len(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> int:
@@ -640,6 +686,8 @@ class Batch:
     """[B, S], the prefix length P at the first suffix token."""
     teacher_suffix_distill_index: torch.Tensor | None = None
     """[N] flat indices into B·S, same row order."""
+    prefix_index: list[int] | None = None
+    """Each row's rule group (which cached prefix its suffix continues; host-side)."""
 
     def side(self, name: str) -> SideInputs:
         """``teacher``, ``student`` or ``teacher_suffix`` inputs."""
@@ -660,14 +708,16 @@ class Batch:
 
 
 def collate(batch: Sequence[EncodedExample], pad_id: int, padding_side: str = "right",
-            ignore_index: int = -100, prefix_len: int = 0, example_ids: Sequence[int] | None = None,
-            weights: Sequence[float] | None = None) -> Batch:
+            ignore_index: int = -100, prefix_len: int | Sequence[int] = 0,
+            example_ids: Sequence[int] | None = None, weights: Sequence[float] | None = None,
+            prefix_index: Sequence[int] | None = None) -> Batch:
     """Pad a batch and index the distilled positions (see :class:`Batch`).
 
     ``example_ids``: each example's index in its data set (default 0 … B−1); ``weights``: each
     example's weight (default 1), repeated over its distilled rows. With ``prefix_len`` P > 0 (the
     shared rule prefix, see :attr:`EncodedDataset.rule_prefix_len`) also the teacher sequences
-    without it, for the rule-prefix cache.
+    without it, for the rule-prefix cache; with one P per row and ``prefix_index`` (each row's rule
+    group), every row without its own rule's prefix (:attr:`EncodedDataset.prefixes`).
     """
     if padding_side not in ("left", "right"):
         raise DataError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -699,18 +749,26 @@ def collate(batch: Sequence[EncodedExample], pad_id: int, padding_side: str = "r
     out["rows_per_example"] = [e.response_len for e in batch]
     out["row_weight"] = torch.cat([torch.full((e.response_len,), w, dtype=torch.float32)
                                    for e, w in zip(batch, ws)])
-    if prefix_len > 0:
-        head = batch[0].teacher_ids[:prefix_len]
-        if any(e.teacher_ids[:prefix_len] != head or prefix_len >= e.teacher_response_start
-               for e in batch):
-            raise DataError(f"prefix_len {prefix_len} is not a rule prefix shared by every row")
-        ids_BS, mask_BS, offsets = _pad([e.teacher_ids[prefix_len:] for e in batch], pad_id,
+    lens = [prefix_len] * len(batch) if isinstance(prefix_len, int) else list(prefix_len)
+    groups = [0] * len(batch) if prefix_index is None else list(prefix_index)
+    if any(n > 0 for n in lens):
+        for g in set(groups):
+            rows = [b for b in range(len(batch)) if groups[b] == g]
+            n = lens[rows[0]]
+            head = batch[rows[0]].teacher_ids[:n]
+            if any(lens[b] != n or batch[b].teacher_ids[:n] != head
+                   or n >= batch[b].teacher_response_start for b in rows):
+                raise DataError(f"prefix_len {n} is not a rule prefix shared by every row of its "
+                                "group")
+        ids_BS, mask_BS, offsets = _pad([e.teacher_ids[n:] for e, n in zip(batch, lens)], pad_id,
                                         padding_side)
         S = ids_BS.shape[1]
+        P_B = torch.tensor(lens, dtype=torch.long)[:, None]
         out["teacher_suffix_input_ids"] = ids_BS
         out["teacher_suffix_attention_mask"] = mask_BS
-        out["teacher_suffix_position_ids"] = prefix_len + (mask_BS.cumsum(-1) - 1).clamp_min(0)
+        out["teacher_suffix_position_ids"] = P_B + (mask_BS.cumsum(-1) - 1).clamp_min(0)
         out["teacher_suffix_distill_index"] = torch.tensor(
-            [b * S + offsets[b] + p - prefix_len for b, e in enumerate(batch)
+            [b * S + offsets[b] + p - lens[b] for b, e in enumerate(batch)
              for p in e.distill_positions("teacher")], dtype=torch.long)
+        out["prefix_index"] = groups
     return Batch(**out)

@@ -50,7 +50,15 @@ from rdcore.architecture import (
 from rdcore.config import LossWeights
 from rdcore.data import Batch
 from rdcore.kernels import fused_linear_kl, normalized_hidden_mse
-from rdcore.prefix_attention import PrefixKV, active, finish, install, suffix_rows, teacher_inputs
+from rdcore.prefix_attention import (
+    PrefixKV,
+    active,
+    finish,
+    grouped_teacher_inputs,
+    install,
+    suffix_rows,
+    teacher_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -263,14 +271,17 @@ class RuleDistillModule(nn.Module):
     ``teacher_mode``: "live" (full fine-tuning: the teacher is the current model), "disabled" (LoRA,
     Base: the model without adapters) or "teacher" (LoRA, Enhanced: the frozen stage-1 adapter).
     ``loss``: the loss weights and temperature. ``rule_prefix_ids``: the shared rule prefix whose
-    K/V the teacher computes once (distillation only); ``targets``: a teacher-target cache (a frozen
-    teacher only); ``interleave``: teacher and student through each decoder layer in turn (used only
-    if it reproduces the sequential passes on this model, see :func:`interleaves_exactly`);
+    K/V the teacher computes once (distillation only) — or ``rule_prefixes``, one per rule group
+    (several rules in one run; each batch row says its group: ``Batch.prefix_index``);
+    ``targets``: a teacher-target cache (a frozen teacher only); ``interleave``: teacher and
+    student through each decoder layer in turn (used only if it reproduces the sequential passes
+    on this model, see :func:`interleaves_exactly`);
     ``time_teacher``: record the teacher passes' wall time in :attr:`work` (synchronises CUDA).
     """
 
     def __init__(self, model: nn.Module, method: str, teacher_mode: str = "live", *,
                  loss: LossWeights | None = None, rule_prefix_ids: list[int] | None = None,
+                 rule_prefixes: list[list[int]] | None = None,
                  targets: TeacherTargets | None = None, interleave: bool = False,
                  time_teacher: bool = False):
         super().__init__()
@@ -286,14 +297,19 @@ class RuleDistillModule(nn.Module):
                                    spec.softcap)
         self.time_teacher = time_teacher
         self.work = TeacherWork()
-        # Rule-prefix K/V cache (distillation only). Valid for the whole run when the teacher is
-        # frozen; rebuilt after every optimizer step when it is the live model.
-        self.prefix: PrefixKV | None = None
-        if rule_prefix_ids and self.distill:
+        # Rule-prefix K/V caches (distillation only), one per rule group. Valid for the whole run
+        # when the teacher is frozen; rebuilt after every optimizer step when it is the live model.
+        prefixes = rule_prefixes if rule_prefixes is not None else (
+            [rule_prefix_ids] if rule_prefix_ids else [])
+        self.prefix_caches: list[PrefixKV] = []
+        if prefixes and self.distill:
             install(model)
-            self.register_buffer("prefix_ids", torch.tensor(rule_prefix_ids, dtype=torch.long),
-                                 persistent=False)
-            self.prefix = PrefixKV(len(rule_prefix_ids))
+            for g, ids in enumerate(prefixes):
+                self.register_buffer(f"prefix_ids_{g}", torch.tensor(ids, dtype=torch.long),
+                                     persistent=False)
+                self.prefix_caches.append(PrefixKV(len(ids)))
+        self.prefix: PrefixKV | None = self.prefix_caches[0] if self.prefix_caches else None
+        """The single rule prefix's cache (the first group's with several)."""
         if targets is not None and teacher_mode == "live":
             raise ConfigError("the teacher-target cache needs a frozen teacher (LoRA); with full "
                               "fine-tuning the teacher is the live model")
@@ -327,8 +343,9 @@ class RuleDistillModule(nn.Module):
 
     def after_optimizer_step(self) -> None:
         """The weights changed: a live teacher's rule-prefix K/V must be computed again."""
-        if self.prefix is not None and self.teacher_mode == "live":
-            self.prefix.invalidate()
+        if self.teacher_mode == "live":
+            for cache in self.prefix_caches:
+                cache.invalidate()
 
     def total_loss(self, terms: dict[str, float]) -> float:
         """The loss of this method from its terms (see :meth:`LossWeights.total`)."""
@@ -379,13 +396,22 @@ class RuleDistillModule(nn.Module):
 
     def _teacher_input(self, batch: Batch) -> tuple[Any, ...]:
         """(input_ids, attention_mask, position_ids, prefix state or None, distill index, prefix
-        pass to run first or None; see :func:`rdcore.prefix_attention.teacher_inputs`)."""
+        passes to run first; see :func:`rdcore.prefix_attention.teacher_inputs`)."""
         self.work.passes += 1
-        if self.prefix is None:
+        if not self.prefix_caches:
             t = batch.side("teacher")
             self.work.tokens += t.input_ids.numel()
-            return t.input_ids, t.attention_mask, t.position_ids, None, t.distill_index, None
+            return t.input_ids, t.attention_mask, t.position_ids, None, t.distill_index, []
         suffix = batch.side("teacher_suffix")
+        if len(self.prefix_caches) > 1:  # several rules: prefix passes, then each row its own
+            groups = batch.prefix_index or [0] * suffix.input_ids.shape[0]
+            ids, pos, state, passes = grouped_teacher_inputs(
+                self.prefix_caches, [getattr(self, f"prefix_ids_{g}")
+                                     for g in range(len(self.prefix_caches))],
+                groups, suffix.input_ids, suffix.attention_mask, suffix.position_ids)
+            self.work.prefix_builds += len(passes)
+            self.work.tokens += suffix.input_ids.numel() + sum(p[0].numel() for p in passes)
+            return ids, None, pos, state, suffix.distill_index, passes
         tokens = suffix.input_ids.numel()
         if not self.prefix.valid:
             self.work.prefix_builds += 1
@@ -394,17 +420,16 @@ class RuleDistillModule(nn.Module):
         # a live teacher rebuilds the cache every step: packed, one decoder call (the same module
         # calls every micro-batch); a frozen one builds it once, with a prefix-only call first
         ids, pos, state, prefix = teacher_inputs(
-            self.prefix, self.prefix_ids, suffix.input_ids, suffix.attention_mask,
+            self.prefix, self.prefix_ids_0, suffix.input_ids, suffix.attention_mask,
             suffix.position_ids, packed=self.teacher_mode == "live")
-        return ids, None, pos, state, suffix.distill_index, prefix
+        return ids, None, pos, state, suffix.distill_index, [prefix] if prefix else []
 
-    def _run_prefix(self, prefix: tuple[Any, ...] | None) -> None:
-        """The frozen teacher's rule prefix alone, once: it fills the prefix K/V cache."""
-        if prefix is None:
-            return
-        with teacher_view(self.model, self.teacher_mode), active(prefix[2]):
-            decoder(self.model)(input_ids=prefix[0], position_ids=prefix[1], use_cache=False)
-        finish(prefix[2], causal_lm(self.model).config.num_hidden_layers)
+    def _run_prefix(self, passes: list[tuple[Any, ...]]) -> None:
+        """Rule prefixes alone (a frozen teacher's once per run): each fills its K/V cache."""
+        for ids, pos, state in passes:
+            with teacher_view(self.model, self.teacher_mode), active(state):
+                decoder(self.model)(input_ids=ids, position_ids=pos, use_cache=False)
+            finish(state, causal_lm(self.model).config.num_hidden_layers)
 
     @contextlib.contextmanager
     def _timed(self) -> Iterator[None]:

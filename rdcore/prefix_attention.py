@@ -78,12 +78,13 @@ class PrefixKV:
 @dataclass
 class _Pass:
     mode: str  # "prefix" (the prefix alone), "build" (packed input) or "use" (suffixes only)
-    cache: PrefixKV
+    cache: PrefixKV | list[PrefixKV]  # a list: one per rule group (``groups`` says whose row)
     suffix_mask: torch.Tensor  # [B, S], True at real suffix tokens
     suffix_pos: torch.Tensor  # [B, S] absolute positions (P at a row's first suffix token)
     batch: int
     suffix_len: int
     backend: str
+    groups: torch.Tensor | None = None  # [B] each row's rule group (several prefixes)
 
 
 _ACTIVE: contextvars.ContextVar[_Pass | None] = contextvars.ContextVar("rdcore_prefix_pass",
@@ -178,33 +179,27 @@ def _merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b:
     return out_a * wa + out_b * wb
 
 
-def cascade_attention(q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor,
-                      kp_KPD: torch.Tensor, vp_KPD: torch.Tensor, mask_BS: torch.Tensor,
-                      scaling: float, pos_BS: torch.Tensor | None = None,
-                      sliding_window: int | None = None, softcap: float | None = None,
-                      backend: str = "exact") -> torch.Tensor:
-    """Suffix queries attend to a shared prefix and causally to their own row.
-
-    q: [B, Hq, S, D]; k, v: [B, Hkv, S, D]; kp, vp: [Hkv, P, D] (one copy for all rows); mask_BS:
-    True at real (non-pad) suffix tokens; pos_BS: absolute positions (default P + index: a
-    right-padded batch), used by ``sliding_window``. Returns [B, Hq, S, D] in q's dtype.
-    """
+def _prefix_part(q_BHSD: torch.Tensor, kp_KPD: torch.Tensor, vp_KPD: torch.Tensor,
+                 pos_BS: torch.Tensor, scaling: float, sliding_window: int | None,
+                 softcap: float | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query of every row against the one prefix copy (batch 1, B·S queries): (out, lse)
+    as [B, Hq, S, D], [B, Hq, S]."""
     B, Hq, S, D = q_BHSD.shape
-    P = kp_KPD.shape[1]
-    mask_BS = mask_BS.bool()
-    if pos_BS is None:
-        pos_BS = P + torch.arange(S, device=q_BHSD.device).expand(B, S)
-    part = _part(backend)
-    # the prefix: every query of every row against the one prefix copy (batch 1, B·S queries)
     q_1HMD = q_BHSD.transpose(0, 1).reshape(1, Hq, B * S, D)
     flat_pos = pos_BS.reshape(-1)
     seen_prefix = None
     if sliding_window is not None:
         def seen_prefix(b, qi, ki):
             return flat_pos[qi] - ki < sliding_window
-    out_p, lse_p = part(q_1HMD, kp_KPD[None], vp_KPD[None], seen_prefix, scaling, softcap)
-    out_p = out_p.reshape(Hq, B, S, D).transpose(0, 1)
-    lse_p = lse_p.reshape(Hq, B, S).transpose(0, 1)
+    out_p, lse_p = _part(backend)(q_1HMD, kp_KPD[None], vp_KPD[None], seen_prefix, scaling, softcap)
+    return out_p.reshape(Hq, B, S, D).transpose(0, 1), lse_p.reshape(Hq, B, S).transpose(0, 1)
+
+
+def _suffix_part(q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor,
+                 mask_BS: torch.Tensor, pos_BS: torch.Tensor, scaling: float,
+                 sliding_window: int | None, softcap: float | None, backend: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's queries against its own suffix keys: causal, padding, window."""
 
     def seen_suffix(b, qi, ki):
         ok = (ki <= qi) & mask_BS[b, ki]
@@ -212,7 +207,45 @@ def cascade_attention(q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.
             ok = ok & (pos_BS[b, qi] - pos_BS[b, ki] < sliding_window)
         return ok
 
-    out_s, lse_s = part(q_BHSD, k_BKSD, v_BKSD, seen_suffix, scaling, softcap)
+    return _part(backend)(q_BHSD, k_BKSD, v_BKSD, seen_suffix, scaling, softcap)
+
+
+def cascade_attention(q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor,
+                      kp_KPD: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]],
+                      vp_KPD: torch.Tensor | None, mask_BS: torch.Tensor, scaling: float,
+                      pos_BS: torch.Tensor | None = None, sliding_window: int | None = None,
+                      softcap: float | None = None, backend: str = "exact",
+                      groups_B: torch.Tensor | None = None) -> torch.Tensor:
+    """Suffix queries attend to a shared prefix and causally to their own row.
+
+    q: [B, Hq, S, D]; k, v: [B, Hkv, S, D]; kp, vp: [Hkv, P, D] (one copy for all rows) — or
+    ``kp`` a list of ``(kp, vp)`` per rule group, ``vp`` None and ``groups_B`` [B] each row's group
+    (rows attend to their own group's prefix; each prefix is read once for its rows); mask_BS:
+    True at real (non-pad) suffix tokens; pos_BS: absolute positions (default P + index: a
+    right-padded batch), used by ``sliding_window``. Returns [B, Hq, S, D] in q's dtype.
+    """
+    B, Hq, S, D = q_BHSD.shape
+    mask_BS = mask_BS.bool()
+    shared = isinstance(kp_KPD, torch.Tensor)
+    if pos_BS is None:
+        if not shared:
+            raise ValueError("several prefixes need the rows' positions")
+        pos_BS = kp_KPD.shape[1] + torch.arange(S, device=q_BHSD.device).expand(B, S)
+    if shared:
+        out_p, lse_p = _prefix_part(q_BHSD, kp_KPD, vp_KPD, pos_BS, scaling, sliding_window,
+                                    softcap, backend)
+    else:  # each group's rows against that group's prefix
+        acc = torch.promote_types(q_BHSD.dtype, torch.float32)
+        out_p = q_BHSD.new_zeros((B, Hq, S, D), dtype=acc)
+        lse_p = q_BHSD.new_full((B, Hq, S), float("-inf"), dtype=acc)
+        for g in torch.unique(groups_B).tolist():
+            rows = (groups_B == g).nonzero().flatten()
+            kp, vp = kp_KPD[g]
+            o, lse = _prefix_part(q_BHSD[rows], kp, vp, pos_BS[rows], scaling, sliding_window,
+                                  softcap, backend)
+            out_p[rows], lse_p[rows] = o.to(acc), lse.to(acc)
+    out_s, lse_s = _suffix_part(q_BHSD, k_BKSD, v_BKSD, mask_BS, pos_BS, scaling,
+                                sliding_window, softcap, backend)
     return _merge(out_p, lse_p, out_s, lse_s).to(q_BHSD.dtype)
 
 
@@ -307,6 +340,10 @@ def _teacher_attention(state: _Pass, module: torch.nn.Module, query: torch.Tenso
                                      state.backend)
         out = torch.cat([out_prefix, out_BHSD.transpose(0, 1).reshape(1, -1, B * S,
                                                                      query.shape[-1])], dim=2)
+    elif state.groups is not None:  # several rule prefixes: each row its own
+        out = cascade_attention(query, key, value, [(c.keys[layer], c.values[layer]) for c in cache],
+                                None, state.suffix_mask, scale, state.suffix_pos, window, cap,
+                                state.backend, groups_B=state.groups)
     else:
         out = cascade_attention(query, key, value, cache.keys[layer], cache.values[layer],
                                 state.suffix_mask, scale, state.suffix_pos, window, cap,
@@ -397,6 +434,33 @@ def teacher_inputs(cache: PrefixKV, prefix_ids_P: torch.Tensor, suffix_ids_BS: t
     ids = torch.cat([prefix_ids_P.to(suffix_ids_BS), suffix_ids_BS.reshape(-1)])[None]
     pos = torch.cat([prefix_pos, suffix_pos_BS.reshape(-1)])[None]
     return ids, pos, _Pass("build", cache, mask, suffix_pos_BS, B, S, how), None
+
+
+def grouped_teacher_inputs(caches: list[PrefixKV], prefix_ids: list[torch.Tensor],
+                           groups: list[int], suffix_ids_BS: torch.Tensor,
+                           suffix_mask_BS: torch.Tensor, suffix_pos_BS: torch.Tensor,
+                           backend: str = "auto"
+                           ) -> tuple[torch.Tensor, torch.Tensor, _Pass,
+                                      list[tuple[torch.Tensor, torch.Tensor, _Pass]]]:
+    """The teacher pass of a batch whose rows continue different rule prefixes (one cache per
+    rule group): ``(input_ids, position_ids, state, prefix_passes)`` — a prefix-alone pass for
+    each group of the batch whose cache is not valid yet (run and :func:`finish` them first),
+    then the suffixes, each row reading its own group's prefix."""
+    B, S = suffix_ids_BS.shape
+    mask = suffix_mask_BS.bool()
+    how = resolve_backend(backend, suffix_ids_BS.device)
+    passes = []
+    for g in sorted(set(groups)):
+        cache = caches[g]
+        if not cache.valid:
+            cache.invalidate()
+            P = cache.length
+            ids = prefix_ids[g].to(suffix_ids_BS)[None]
+            pos = torch.arange(P, device=suffix_pos_BS.device)[None]
+            passes.append((ids, pos, _Pass("prefix", cache, mask, suffix_pos_BS, B, S, how)))
+    groups_B = torch.tensor(groups, device=suffix_ids_BS.device)
+    state = _Pass("use", caches, mask, suffix_pos_BS, B, S, how, groups=groups_B)
+    return suffix_ids_BS, suffix_pos_BS, state, passes
 
 
 @contextlib.contextmanager

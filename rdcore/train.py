@@ -275,26 +275,29 @@ class StageRun:
         """The micro-batch of ``(example index, weight)`` entries of ``data`` (the training set
         by default), on the engine's device — the one place batches are moved."""
         data = self.data if data is None else data
-        prefix = data.rule_prefix_len if data is self.data and self.module.prefix is not None else 0
         ids = [i for i, _ in entries]
-        b = collate([data[i] for i in ids], self.pad_id, prefix_len=prefix, example_ids=ids,
-                    weights=[w for _, w in entries])
+        cached = data is self.data and bool(self.module.prefix_caches)
+        groups, lens = zip(*(data.prefix_of(i) for i in ids)) if cached else ([0] * len(ids),
+                                                                               [0] * len(ids))
+        b = collate([data[i] for i in ids], self.pad_id, prefix_len=list(lens), example_ids=ids,
+                    weights=[w for _, w in entries], prefix_index=list(groups))
         return b.to(eng.device_of(self.engine))
 
 
 def build_module(cfg: TrainConfig, model: Any, data: EncodedDataset, stage: str
                  ) -> RuleDistillModule:
     """The teacher/student module with the caches the configuration asks for."""
-    use_prefix = cfg.prefix_cache and cfg.distill and data.rule_prefix_len > 0
+    use_prefix = cfg.prefix_cache and cfg.distill and bool(data.prefixes)
     use_targets = cfg.teacher_cache and cfg.distill and cfg.teacher_mode != "live"
     targets = TeacherTargets(int(cfg.teacher_cache_gb * 2**30), eng.any_rank,
                              eng.all_gather_rows) if use_targets else None
     module = RuleDistillModule(model, cfg.method, cfg.teacher_mode, loss=cfg.loss,
-                               rule_prefix_ids=data.rule_prefix_ids if use_prefix else None,
+                               rule_prefixes=data.prefixes if use_prefix else None,
                                targets=targets, interleave=cfg.interleave and cfg.distill)
     if cfg.distill:
         log.info("[%s] teacher: rule-prefix cache %s, teacher-target cache %s, passes %s", stage,
-                 f"on ({data.rule_prefix_len} tokens)" if use_prefix else "off",
+                 f"on ({len(data.prefixes)} × {', '.join(str(len(p)) for p in data.prefixes)} "
+                 "tokens)" if use_prefix else "off",
                  "on" if use_targets else "off (live teacher)" if cfg.teacher_cache else "off",
                  "layer-interleaved" if module.interleave else
                  "sequential (interleaving does not reproduce this decoder)" if cfg.interleave

@@ -232,3 +232,50 @@ def test_module_loss_with_caches_equals_without(mode, interleave):
     assert variants["caches"].prefix.valid
     if mode != "live":  # the third batch's teacher came from the cache
         assert variants["caches"].work.cached == 1 and len(variants["caches"].targets.store) == 6
+
+
+@pytest.mark.parametrize("mode", ["live", "teacher"])
+def test_several_rules_keep_one_prefix_each(mode):
+    """Rows of two rules in one batch: one K/V cache per rule (each read by its own rows, its size
+    independent of the batch), and the loss and gradients of the plain teacher pass (fp64)."""
+    import dataclasses
+
+    from rdcore import rulebook
+    from rdcore.data import load_rule_file
+
+    dtype = torch.float64
+    model, tok = load_model("tiny", seed=4, dtype=dtype)
+    if mode == "teacher":
+        model = lora_with_teacher(model, dtype)
+    rows = []
+    for name in ("french", "closing"):
+        got = load_rule_file(rulebook.rule_file(name, "train", 8), require_output=False)[:4]
+        rows += [dataclasses.replace(ex, output=f"answer {i}") for i, ex in enumerate(got)]
+    data = Encoder(tok).encode(rows)
+    assert data.prefix_groups == [0] * 4 + [1] * 4 and len(data.prefixes) == 2
+    assert min(data.group_prefix_lens) > data.rule_prefix_len  # each rule's prefix is longer
+    loss = LossWeights(beta=5.0)
+    plain = RuleDistillModule(model, "rule_distill_base", mode, loss=loss)
+    cached = RuleDistillModule(model, "rule_distill_base", mode, loss=loss,
+                               rule_prefixes=data.prefixes, interleave=True)
+    sizes = []
+    for ids in ([0, 5], [1, 2, 6, 7], [3, 4]):  # mixed batches, then one of each rule
+        groups, lens = zip(*(data.prefix_of(i) for i in ids))
+        batch = collate([data[i] for i in ids], tok.pad_token_id, prefix_len=list(lens),
+                        prefix_index=list(groups), example_ids=ids)
+        results = []
+        for m in (plain, cached):
+            model.zero_grad()
+            value, _ = m(batch, 1.0)
+            value.backward()
+            results.append((value.item(), [p.grad.clone() for p in model.parameters()
+                                           if p.requires_grad]))
+        assert results[1][0] == pytest.approx(results[0][0], rel=1e-10)
+        for a, b in zip(results[1][1], results[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+        sizes.append([nbytes(c) for c in cached.prefix_caches])
+        cached.after_optimizer_step()
+    # a frozen teacher computes each prefix once; a live one again after every update
+    assert cached.work.prefix_builds == (2 if mode == "teacher" else 6)
+    if mode == "teacher":
+        assert sizes[0] == sizes[1] == sizes[2] and all(s > 0 for s in sizes[0])
