@@ -201,6 +201,12 @@ class TrainConfig:
     flags. For splitting a run across time-limited job allocations (and for testing resumption)."""
     tensorboard: bool = option(True, RUN, resumable=True)
     """Write TensorBoard scalars to output_dir/tensorboard (needs the tensorboard package)."""
+    report: int = option(16, RUN, resumable=True)
+    """After training, judge this many held-out test inputs before and after, and print the table.
+    Rows: the starting model without the rule, the teacher with it, and the trained model
+    without it (with --task rulebook: the rule's test file; else --report_data; 0: off)."""
+    report_data: str | None = option(None, RUN, resumable=True)
+    """A judged test file (rows with judge/expect, as rdcore.evaluate --data reads) for --report."""
     save_model: SaveModel = option("merged", RUN, resumable=True)
     """What output_dir/final holds at the end: merged, adapter or off. merged: the model as a
     safetensors Hugging Face folder (with LoRA the adapter too, in final/adapter). adapter (LoRA
@@ -252,13 +258,16 @@ class TrainConfig:
                  f"which exists for seeds {SEEDS}, not {self.seed}: pass one of them or --val_data")
         if self.val_data is not None:
             need(Path(self.val_data).is_file(), f"val_data {self.val_data!r} is not a file")
+        if self.report_data is not None:
+            need(Path(self.report_data).is_file(), f"report_data {self.report_data!r} is not a "
+                 "file")
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         for name in ("max_length", "epochs", "micro_batch_size", "grad_accum", "lora_r",
                      "lora_alpha", "response_tokens"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "save_every", "keep_checkpoints", "stop_at_step",
                      "beta", "alpha", "weight_decay", "stage1_epochs", "teacher_cache_gb",
-                     "response_temperature"):
+                     "response_temperature", "report"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")

@@ -444,14 +444,14 @@ def grouped_teacher_inputs(caches: list[PrefixKV], prefix_ids: list[torch.Tensor
                                       list[tuple[torch.Tensor, torch.Tensor, _Pass]]]:
     """The teacher pass of a batch whose rows continue different rule prefixes (one cache per
     rule group): ``(input_ids, position_ids, state, prefix_passes)`` — a prefix-alone pass for
-    each group of the batch whose cache is not valid yet (run and :func:`finish` them first),
-    then the suffixes, each row reading its own group's prefix."""
+    every group whose cache is not valid yet, whether or not the batch has its rows (so that all
+    ZeRO-3 ranks run the same module calls whatever their rows; run and :func:`finish` them
+    first), then the suffixes, each row reading its own group's prefix."""
     B, S = suffix_ids_BS.shape
     mask = suffix_mask_BS.bool()
     how = resolve_backend(backend, suffix_ids_BS.device)
     passes = []
-    for g in sorted(set(groups)):
-        cache = caches[g]
+    for g, cache in enumerate(caches):
         if not cache.valid:
             cache.invalidate()
             P = cache.length

@@ -492,6 +492,49 @@ def run(cfg: TrainConfig, out: Path, rank: int, world: int) -> None:
         run_stage(Stage("main", cfg), out, rank, world)
 
 
+def report_file(cfg: TrainConfig) -> str | None:
+    """The judged test file of ``--report``: the rule book rule's, or ``--report_data``."""
+    if cfg.report_data:
+        return cfg.report_data
+    if cfg.task == "rulebook" and cfg.data is None:
+        from rdcore import rulebook
+
+        return str(rulebook.rule_file(cfg.rules[0], "test"))
+    return None
+
+
+def before_after(cfg: TrainConfig, out: Path) -> str | None:
+    """``--report``: the starting model without the rule, the teacher with it, and the trained
+    model without it, on the first ``cfg.report`` rows of the report file (rank 0; evaluations in
+    ``out/report/``); the table, or None when there is nothing to judge or no final model."""
+    from rdcore.evaluate import EvalConfig, compare, evaluate
+
+    data = report_file(cfg)
+    if not cfg.report or data is None or cfg.save_model == "off":
+        return None
+    common = dict(data=data, template=cfg.template, limit=cfg.report, max_length=cfg.max_length,
+                  max_new_tokens=cfg.response_tokens)
+    start, tok = load_model(cfg.model, dtype=cfg.torch_dtype, seed=cfg.seed)
+    teacher = start
+    if cfg.method == "rule_distill_enhanced":  # its teacher: the base with the stage-1 adapter
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        base = load_model(cfg.model, dtype=cfg.torch_dtype, seed=cfg.seed)[0]
+        teacher = add_lora(base, lora_config(cfg.lora_r, cfg.lora_alpha, 0.0, model=base))
+        set_peft_model_state_dict(teacher, load_file(str(out / "teacher_adapter.safetensors")),
+                                  adapter_name="student")
+    final, _ = load_model(str(out / "final"), dtype=cfg.torch_dtype)
+    dirs = []
+    for name, model, side in (("before", start, "student"), ("teacher", teacher, "teacher"),
+                              ("after", final, "student")):
+        folder = out / "report" / name
+        evaluate(EvalConfig(model=cfg.model if name != "after" else str(out), side=side,
+                            output_dir=str(folder), **common), model, tok)
+        dirs.append(folder)
+    return compare(dirs)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(argv)
     rank, world = eng.init_distributed()
@@ -500,6 +543,12 @@ def main(argv: list[str] | None = None) -> int:
     out = prepare_output_dir(cfg, rank)
     t_start = time.perf_counter()
     run(cfg, out, rank, world)
+    if rank == 0:
+        table = before_after(cfg, out)
+        if table:
+            print(f"\nThe rule, on {cfg.report} held-out inputs of {report_file(cfg)}:\n{table}\n",
+                  flush=True)
+    eng.barrier()
     log.info("done in %.1fs; outputs in %s", time.perf_counter() - t_start, out)
     eng.shutdown()
     return 0

@@ -72,7 +72,7 @@ def test_bad_names_give_clear_errors(tmp_path):
         load_model(str(tmp_path))
     with pytest.raises(ModelError, match="'tiny' preset only"):
         load_model("smollm2-135m", hidden_size=32)
-    assert set(PRESETS) == {"tiny", "smollm2-135m"}
+    assert set(PRESETS) == {"tiny", "smollm2-135m", "gemma3-270m"}
 
 
 @pytest.mark.slow

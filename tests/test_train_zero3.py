@@ -578,3 +578,19 @@ def test_two_nodes_equal_one_node_and_resume_on_fewer_ranks(tmp_path):
     launch(resumed, 2, *flags, "--resume", "on", "--grad_accum", "2")
     assert (resumed / "checkpoints" / "main" / "step1.universal" / "COMPLETE").is_file()
     assert_same_curve(metrics(resumed), metrics(two), rel=1e-5, keys=("loss", "lr"))
+
+
+def test_a_rule_book_run_ends_with_its_before_after_table(tmp_path):
+    """The rule book's rules (here two at once, one student) need teacher-written responses; the
+    run prints the held-out before / teacher / after table (the demo's ending) and keeps its
+    evaluations."""
+    proc = launch(tmp_path, 2, "--task", "rulebook", "--rule", "french,closing", "--responses",
+                  "teacher", "--response_tokens", "6", "--report", "3", "--max_steps", "2")
+    assert "held-out inputs" in proc.stdout, proc.stdout[-3000:]
+    table = proc.stdout.split("held-out inputs")[1]
+    for name in ("before", "teacher", "after"):
+        assert f"| {name} |" in table
+        assert (tmp_path / "report" / name / "eval.json").is_file()
+    responses = (tmp_path / "responses_distill_train.jsonl").read_text().splitlines()
+    assert len(responses) == 1 + 16  # 8 inputs of each rule, written by the stage-1 teacher
+    assert (tmp_path / "responses_stage1_train.jsonl").is_file()
