@@ -14,9 +14,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 
 DEMO_OUT   ?= runs/demo
-# The embedded default is the trainer's own (SmolLM2-135M, math rule, 8 shots, Rule-Distill-Enhanced,
-# LoRA); the demo only names its output folder and resumes it, so running it twice is harmless.
-DEMO_FLAGS ?= --output_dir $(DEMO_OUT) --resume on
+# The embedded default: SmolLM2-135M learns the rule book's clearest rule ("Always answer in
+# French.") from 16 inputs whose answers the teacher (the model with the rule) writes, by
+# Rule-Distill-Base with LoRA, and ends with the held-out before / teacher / after table. Resumed when
+# run again, so a second `make demo` is harmless.
+DEMO_FLAGS ?= --task rulebook --rule french --shots 16 --responses teacher --response_tokens 48 \
+	--method rule_distill_base --epochs 3 --lr 1e-3 --report 16 --output_dir $(DEMO_OUT) --resume on
 
 .PHONY: setup demo test lint bench bench-peers gpu-check clean
 

@@ -38,4 +38,6 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if successes <= 0 else max(0.0, centre - half)  # exactly 0 / 1 at the ends, not
+    high = 1.0 if successes >= n else min(1.0, centre + half)  # 1e-17 of rounding
+    return low, high

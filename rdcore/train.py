@@ -514,25 +514,38 @@ def before_after(cfg: TrainConfig, out: Path) -> str | None:
         return None
     common = dict(data=data, template=cfg.template, limit=cfg.report, max_length=cfg.max_length,
                   max_new_tokens=cfg.response_tokens)
-    start, tok = load_model(cfg.model, dtype=cfg.torch_dtype, seed=cfg.seed)
-    teacher = start
-    if cfg.method == "rule_distill_enhanced":  # its teacher: the base with the stage-1 adapter
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+    evals = {name: EvalConfig(model=cfg.model if name != "after" else str(out), side=side,
+                              output_dir=str(out / "report" / name), **common)
+             for name, side in (("before", "student"), ("teacher", "teacher"),
+                                ("after", "student"))}
+    todo = [n for n, ev in evals.items() if not _same_evaluation(Path(ev.output_dir), ev)]
+    models: dict[str, Any] = {}  # a finished run asked again: its evaluations are read, not redone
+    if todo:
+        models["before"], tok = load_model(cfg.model, dtype=cfg.torch_dtype, seed=cfg.seed)
+        models["teacher"] = models["before"]
+        if cfg.method == "rule_distill_enhanced":  # its teacher: the base with the stage-1 adapter
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
 
-        base = load_model(cfg.model, dtype=cfg.torch_dtype, seed=cfg.seed)[0]
-        teacher = add_lora(base, lora_config(cfg.lora_r, cfg.lora_alpha, 0.0, model=base))
-        set_peft_model_state_dict(teacher, load_file(str(out / "teacher_adapter.safetensors")),
-                                  adapter_name="student")
-    final, _ = load_model(str(out / "final"), dtype=cfg.torch_dtype)
-    dirs = []
-    for name, model, side in (("before", start, "student"), ("teacher", teacher, "teacher"),
-                              ("after", final, "student")):
-        folder = out / "report" / name
-        evaluate(EvalConfig(model=cfg.model if name != "after" else str(out), side=side,
-                            output_dir=str(folder), **common), model, tok)
-        dirs.append(folder)
-    return compare(dirs)
+            base = load_model(cfg.model, dtype=cfg.torch_dtype, seed=cfg.seed)[0]
+            models["teacher"] = add_lora(base, lora_config(cfg.lora_r, cfg.lora_alpha, 0.0,
+                                                           model=base))
+            set_peft_model_state_dict(models["teacher"],
+                                      load_file(str(out / "teacher_adapter.safetensors")),
+                                      adapter_name="student")
+        models["after"] = load_model(str(out / "final"), dtype=cfg.torch_dtype)[0]
+    for name in todo:
+        evaluate(evals[name], models[name], tok)
+    return compare([Path(ev.output_dir) for ev in evals.values()])
+
+
+def _same_evaluation(folder: Path, ev: Any) -> bool:
+    """Whether ``folder`` holds the evaluation ``ev`` describes (same file, rows and settings)."""
+    try:
+        done = json.loads((folder / "eval.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return done == json.loads(json.dumps(dataclasses.asdict(ev)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ def test_language_identifier_is_offline_and_handles_non_text():
 
 def test_wilson_interval():
     assert wilson_interval(0, 5)[0] == 0 and wilson_interval(0, 5)[1] > 0.4  # never [0, 0]
+    assert wilson_interval(0, 24)[0] == 0.0 and wilson_interval(24, 24)[1] == 1.0  # not 1e-17 off
     low, high = wilson_interval(50, 100)
     assert low == pytest.approx(0.4038, abs=1e-3) and high == pytest.approx(0.5962, abs=1e-3)
     assert wilson_interval(0, 0) != wilson_interval(0, 0)  # nan

@@ -618,3 +618,13 @@ def test_a_rule_book_run_ends_with_its_before_after_table(tmp_path):
     responses = (tmp_path / "responses_distill_train.jsonl").read_text().splitlines()
     assert len(responses) == 1 + 16  # 8 inputs of each rule, written by the stage-1 teacher
     assert (tmp_path / "responses_stage1_train.jsonl").is_file()
+    # run again (a second `make demo`): the finished run's table is printed from its evaluations
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "report").glob("*/eval.json")}
+    assert len(stamps) == 3
+    again = launch(tmp_path, 2, "--task", "rulebook", "--rule", "french,closing", "--responses",
+                   "teacher", "--response_tokens", "6", "--report", "3", "--max_steps", "2",
+                   "--resume", "on")
+    rows = [x for x in table.splitlines() if x.startswith("|")]
+    assert [x for x in again.stdout.split("held-out inputs")[1].splitlines()
+            if x.startswith("|")] == rows
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
