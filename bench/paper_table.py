@@ -228,6 +228,16 @@ def report(out: Path, task: str) -> None:
         fig.savefig(out / f"{split}_{metric}.png", dpi=110)
 
 
+def _earlier_rows(path: Path, args: argparse.Namespace) -> list[dict]:
+    """The rows of ``path`` whose cells this invocation does not run (another k, seed or method)."""
+    if not path.is_file():
+        return []
+    mine = {(m, int(k), int(sd)) for m in args.methods.split(",")
+            for k in args.shots.split(",") for sd in args.seeds.split(",")}
+    return [r for r in csv.DictReader(path.open())
+            if (r["method"], int(r["k"]), int(r["seed"])) not in mine]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="bob", choices=sorted(SPLITS),
@@ -273,6 +283,8 @@ def main() -> int:
     if not args.report_only:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         fields = ["method", "k", "seed", "split", "side", "metric", "value", "n"]
+        # cells of earlier invocations (other k, seeds or methods) stay in results.csv
+        kept = _earlier_rows(out / "results.csv", args)
         rows = []
         for k in [int(v) for v in args.shots.split(",")]:
             for seed in [int(v) for v in args.seeds.split(",")]:
@@ -283,7 +295,7 @@ def main() -> int:
                     with (out / "results.csv").open("w", newline="") as fh:
                         writer = csv.DictWriter(fh, fieldnames=fields)
                         writer.writeheader()
-                        writer.writerows(rows)
+                        writer.writerows(kept + rows)
     report(out, args.task)
     return 0
 

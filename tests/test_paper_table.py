@@ -41,3 +41,10 @@ def test_sweep_is_resumable(tmp_path):
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "training" not in second.stdout
     assert "evaluating" not in second.stdout
+    # a later invocation for part of the sweep keeps the other cells' rows in results.csv
+    part = [*cmd[:cmd.index("--methods") + 1], "inst_tune_no_rule",
+            *cmd[cmd.index("--methods") + 2:]]
+    third = subprocess.run(part, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0 and "training" not in third.stdout
+    after = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert sorted(map(str, after)) == sorted(map(str, rows))
