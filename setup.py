@@ -20,7 +20,8 @@ setup(
     packages=["rdcore", "rdcore.kernels"],
     package_dir={"rdcore": "rdcore", "rdcore.kernels": "kernels"},
     package_data={"rdcore": ["resources/rule_distillation/LICENSE",
-                             "resources/rule_distillation/*/*.json"]},
+                             "resources/rule_distillation/*/*.json",
+                             "resources/rulebook/*/*.jsonl"]},
     install_requires=[
         # torch is pinned by the install path (requirements/cpu.txt on CPU), not here, so a GPU
         # user's CUDA build is kept; any torch >= 2.4 with a matching triton works.

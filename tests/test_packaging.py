@@ -68,3 +68,13 @@ def test_rdcore_kernels_and_hub_kernels_both_import(env, cwd, tmp_path):
     home = ROOT / "kernels" if cwd == "checkout" else site / "rdcore" / "kernels"
     assert got["rdcore_kernels"] == str(home / "__init__.py"), got
     assert got["transformers_sees"] == [True, HUB_KERNELS.split("==")[1]] and got["finite"], got
+
+
+def test_the_wheel_carries_the_data(env):
+    """The packaged task files and the rule book install with the wheel (not only in a checkout)."""
+    _, site = env
+    data = site / "rdcore" / "resources"
+    assert (data / "rulebook" / "french" / "test.jsonl").is_file()
+    assert len(list((data / "rulebook").glob("*/train_k32.jsonl"))) == 8
+    assert (data / "rule_distillation" / "LICENSE").is_file()
+    assert list((data / "rule_distillation").glob("*/*.json"))
