@@ -170,13 +170,19 @@ def smollm2_gguf_path() -> Path:
 
 def smollm2_dir() -> Path:
     """The converted SmolLM2 folder, converting the GGUF on first use."""
-    target = cache_dir() / f"smollm2-135m-instruct-v{SMOLLM2_CONVERSION_VERSION}"
+    return _converted(cache_dir() / f"smollm2-135m-instruct-v{SMOLLM2_CONVERSION_VERSION}",
+                      smollm2_gguf_path, _convert_smollm2)
+
+
+def _converted(target: Path, source: Any, convert: Any) -> Path:
+    """``target`` once built: ``convert(source(), target)`` the first time, under a lock (the
+    source is located only then, so a built folder needs no installed package)."""
     if (target / "DONE").exists():
         return target
-    gguf = smollm2_gguf_path()
+    found = source()
     with _build_lock(target):
         if not (target / "DONE").exists():  # else another process converted it while we waited
-            _convert_smollm2(gguf, target)
+            convert(found, target)
     return target
 
 
@@ -250,14 +256,8 @@ def gemma3_chunks() -> list[Path]:
 
 def gemma3_dir() -> Path:
     """The converted Gemma 3 270M folder, assembling and converting the GGUF on first use."""
-    target = cache_dir() / f"gemma3-270m-v{GEMMA3_CONVERSION_VERSION}"
-    if (target / "DONE").exists():
-        return target
-    chunks = gemma3_chunks()
-    with _build_lock(target):
-        if not (target / "DONE").exists():
-            _convert_gemma3(chunks, target)
-    return target
+    return _converted(cache_dir() / f"gemma3-270m-v{GEMMA3_CONVERSION_VERSION}", gemma3_chunks,
+                      _convert_gemma3)
 
 
 def _convert_gemma3(chunks: list[Path], target: Path) -> None:
