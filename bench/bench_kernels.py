@@ -41,6 +41,7 @@ from typing import Literal
 from common import RESULTS, append_rows, device_name, git_sha, parse, versions
 
 OUT = RESULTS / "kernels.jsonl"
+GRID_TABLE = RESULTS / "kernels_grid.md"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 GRID = [(N, H, V) for V in (32000, 128256, 262144) for N in (256, 1024, 4096) for H in (512, 2048)]
 """The CPU target grid of issue 18: V × N × H."""
@@ -64,6 +65,10 @@ class Options:
     """linear_kl: the head weight gets no gradient (LoRA, the paper's setting): no dW."""
     repeats: int = 3
     """Timed runs per (provider, shape), after one warm-up."""
+    budget_s: float = 0.0
+    """Stop repeating once the timed runs of a (provider, shape) have taken this many seconds (at
+    least one timed run; 0: always ``--repeats``). The grid uses 60 s: its largest points take
+    minutes per run on two cores, where one run varies far less than the providers differ."""
     no_save: bool = False
     """Print only, append no rows."""
     worker: str = ""
@@ -183,7 +188,11 @@ def worker(opt: Options, provider: str, shape: list[int]) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
     value = once()[2]  # warm-up (compilation, autotuning, allocator)
-    times = [once() for _ in range(opt.repeats)]
+    times: list[tuple[float, float, float]] = []
+    while len(times) < opt.repeats:
+        times.append(once())
+        if opt.budget_s and sum(f + b for f, b, _ in times) >= opt.budget_s:
+            break
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base_cuda
         rss = torch.cuda.max_memory_allocated()
@@ -195,7 +204,7 @@ def worker(opt: Options, provider: str, shape: list[int]) -> dict:
     total_ms = statistics.median(f + b for f, b, _ in times) * 1e3
     row = {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "total_ms": total_ms, "value": value,
            "peak_extra_mib": max(peak, 0) / 2**20, "peak_total_mib": rss / 2**20,
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "timed_runs": len(times)}
     if opt.op == "linear_kl":
         row["tflops"] = work / (total_ms / 1e3) / 1e12
         if provider == "triton":
@@ -233,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     default = "4096,512,32000" if opt.op == "linear_kl" else "32,4096,512"
     shapes = ([",".join(map(str, s)) for s in GRID] if opt.grid else
               [s for s in (opt.shapes or default).split(";") if s])
+    if opt.grid:  # the grid's peers: the targets name naive and compiled Liger
+        if opt.providers == Options.providers:
+            opt.providers = "naive,torch,liger"
+        opt.budget_s = opt.budget_s or 60.0
     providers = []
     for p in opt.providers.split(","):
         why = available(p, cuda) if opt.op == "linear_kl" or p in ("naive", "torch", "triton") \
@@ -253,28 +266,94 @@ def main(argv: list[str] | None = None) -> int:
     for shape in shapes:
         for provider in providers:
             cmd = [sys.executable, __file__, "--op", opt.op, "--shapes", shape, "--dtype",
-                   opt.dtype, "--repeats", str(opt.repeats), "--frozen_head",
+                   opt.dtype, "--repeats", str(opt.repeats), "--budget_s", str(opt.budget_s),
+                   "--frozen_head",
                    "on" if opt.frozen_head else "off", "--worker", provider]
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            head = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "op": opt.op, "shape": shape,
+                    "dtype": opt.dtype, "frozen_head": opt.frozen_head, "provider": provider,
+                    "repeats": opt.repeats, **meta}
             if proc.returncode != 0 or not line:
                 err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                if proc.returncode < 0:  # killed: on this machine, by the kernel's OOM killer
+                    err = f"killed by signal {-proc.returncode} (out of memory?) {err}"
                 print(f"{shape:>18} {provider:>12}   failed: {err[:200]}", flush=True)
+                rows.append({**head, "failed": err[:300],
+                             "device": meta["device"] or "CPU"})
                 continue
             r = json.loads(line[-1][7:])
-            row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "op": opt.op, "shape": shape,
-                   "dtype": opt.dtype, "frozen_head": opt.frozen_head, "provider": provider,
-                   "repeats": opt.repeats, **meta, **r}
+            row = {**head, **r}
             row["device"] = row["device"] or f"CPU ({r['threads']} threads)"
             rows.append(row)
             print(f"{shape:>18} {provider:>12} {r['fwd_ms']:9.1f} {r['bwd_ms']:9.1f} "
                   f"{r['total_ms']:9.1f} {r['peak_extra_mib']:10.1f} {r['peak_total_mib']:9.0f} "
                   f"{r[rate]:7.3f}", flush=True)
+    if opt.grid:
+        table = grid_verdict(rows)
+        print(table)
+        if not opt.no_save:
+            GRID_TABLE.write_text(table)
+            print(f"wrote {GRID_TABLE.relative_to(GRID_TABLE.parents[2])}")
     if rows and not opt.no_save:
         n = append_rows(OUT, rows)
         print(f"appended {n} rows to {OUT.relative_to(OUT.parents[2])}")
     return 0
+
+
+def grid_verdict(rows: list[dict]) -> str:
+    """Markdown: per grid point, rdcore's ``torch`` path against the faster of ``naive`` and
+    ``liger`` (time) and against ``liger`` (peak extra memory), with issue 18's CPU targets
+    (time ≤ the faster peer, memory ≤ ½ Liger's)."""
+    by = {(r["shape"], r["provider"]): r for r in rows}
+    first = next(iter(rows), {})
+    out = [f"# Fused linear + KL on the CPU grid ({first.get('dtype', 'fp32')}, forward + backward)",
+           "", f"`python bench/bench_kernels.py --grid on`; git {first.get('git', '?')}, torch "
+           f"{first.get('torch', '?')}, liger-kernel {first.get('liger-kernel', '-')}, device "
+           f"{first.get('device', '?')}. Time: median of the timed runs after a warm-up (runs "
+           "column); memory: peak resident set beyond the inputs and their gradients. Rows in "
+           "`kernels.jsonl` (this run's `run` field).", "",
+           "| N × H × V | rdcore s | naive s | Liger s | runs | rdcore / faster peer | rdcore MiB"
+           " | naive MiB | Liger MiB | rdcore / Liger mem | targets |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    met = 0
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    for shape in shapes:
+        cell = {p: by.get((shape, p)) for p in ("torch", "naive", "liger")}
+
+        def ok(r):
+            return r is not None and "failed" not in r
+
+        def sec(r):
+            return f"{r['total_ms'] / 1e3:.2f}" if ok(r) else ("failed" if r else "–")
+
+        def mib(r):
+            return f"{r['peak_extra_mib']:.0f}" if ok(r) else "–"
+
+        t = cell["torch"]
+        peers = [r for r in (cell["naive"], cell["liger"]) if ok(r)]
+        verdict, t_ratio, m_ratio = "no rdcore row", "–", "–"
+        if ok(t) and peers:
+            fast = min(r["total_ms"] for r in peers)
+            t_ratio = f"{t['total_ms'] / fast:.2f}"
+            time_ok = t["total_ms"] <= fast
+            mem_ok = True
+            if ok(cell["liger"]):
+                m_ratio = f"{t['peak_extra_mib'] / max(cell['liger']['peak_extra_mib'], 1e-9):.2f}"
+                mem_ok = t["peak_extra_mib"] <= 0.5 * cell["liger"]["peak_extra_mib"]
+            verdict = ("met" if time_ok and mem_ok else
+                       ", ".join(x for x, bad in (("time", not time_ok), ("memory", not mem_ok))
+                                 if bad) + " missed")
+            met += time_ok and mem_ok
+        n, h, v = shape.split(",")
+        runs = "/".join(str(r.get("timed_runs", "?")) if ok(r) else "–"
+                        for r in (t, cell["naive"], cell["liger"]))
+        out.append(f"| {n} × {h} × {v} | {sec(t)} | {sec(cell['naive'])} | {sec(cell['liger'])} | "
+                   f"{runs} | {t_ratio} | {mib(t)} | {mib(cell['naive'])} | {mib(cell['liger'])} "
+                   f"| {m_ratio} | {verdict} |")
+    out += ["", f"Both targets met at {met} of {len(shapes)} points."]
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

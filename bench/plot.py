@@ -32,8 +32,9 @@ def main() -> int:
         groups[(r["op"], r["dtype"], r["device"])].append(r)
     for (op, dtype, device), rs in groups.items():
         latest: dict[tuple, dict] = {}
-        for r in rs:  # the newest row per (shape, provider)
-            latest[(r["shape"], r["provider"])] = r
+        for r in rs:  # the newest row per (shape, provider); failed runs have no figures
+            if "failed" not in r:
+                latest[(r["shape"], r["provider"])] = r
         shapes = sorted({s for s, _ in latest})
         providers = sorted({p for _, p in latest})
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -41,7 +42,9 @@ def main() -> int:
         for i, p in enumerate(providers):
             xs = [j + i * width for j in range(len(shapes))]
             ms = [latest.get((s, p), {}).get("total_ms", 0) for s in shapes]
-            mem = [latest.get((s, p), {}).get("peak_extra_bytes", 0) / 2**20 for s in shapes]
+            mem = [latest.get((s, p), {}).get(
+                "peak_extra_mib", latest.get((s, p), {}).get("peak_extra_bytes", 0) / 2**20)
+                for s in shapes]
             axes[0].bar(xs, ms, width, label=p)
             axes[1].bar(xs, mem, width, label=p)
         for ax, title in zip(axes, ("forward+backward (ms, median)", "peak extra memory (MiB)")):
