@@ -18,9 +18,14 @@ Providers (a missing one is skipped with a message):
 
 Each (provider, shape) runs in its own process. Times are medians over ``--repeats`` runs after one
 warm-up (compilation, allocator). Memory: on CUDA ``max_memory_allocated`` beyond the inputs and
-their gradient buffers; on CPU the growth of the peak resident set over the resident set after the
-inputs and gradient buffers exist (glibc told to mmap every large block, so freed memory leaves the
-resident set), and the process's whole peak resident set. Throughput: against the GEMM floor
+their gradient buffers; on CPU the growth of the peak resident set (``VmHWM``, reset after the
+warm-up through ``/proc/self/clear_refs`` so that compilation's transient memory is not counted)
+over the resident set after the inputs and gradient buffers exist, and the process's whole peak
+resident set. glibc is told to ``mmap`` every block of 32 MiB or more (its own ceiling for the
+dynamic threshold, where a long-running process settles): freed large buffers leave the resident
+set, while the small per-block temporaries are reused from the heap as in real use (a threshold of
+128 KiB would page-fault every one of them on every call and make every provider slower than it is).
+Throughput: against the GEMM floor
 ``2·N·V·(H_t + 3·H)`` FLOPs (``2·N·V·(H_t + 2·H)`` with a frozen head: no dW), and for rdcore's
 Triton path the bytes its design moves through memory (:func:`linear_kl_traffic`); hidden MSE as
 ``L·N·H·(2 reads + 1 write)·itemsize`` per second.
@@ -78,6 +83,24 @@ class Options:
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak resident set (Linux ≥ 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def linear_kl_traffic(N: int, H: int, V: int, itemsize: int, C: int, frozen: bool) -> int:
@@ -188,6 +211,7 @@ def worker(opt: Options, provider: str, shape: list[int]) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
     value = once()[2]  # warm-up (compilation, autotuning, allocator)
+    hwm_reset = not cuda and _reset_peak_rss()
     times: list[tuple[float, float, float]] = []
     while len(times) < opt.repeats:
         times.append(once())
@@ -197,14 +221,16 @@ def worker(opt: Options, provider: str, shape: list[int]) -> dict:
         peak = torch.cuda.max_memory_allocated() - base_cuda
         rss = torch.cuda.max_memory_allocated()
     else:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss = _peak_rss_bytes() if hwm_reset else (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         peak = rss - base_rss
     fwd_ms = statistics.median(f for f, _, _ in times) * 1e3
     bwd_ms = statistics.median(b for _, b, _ in times) * 1e3
     total_ms = statistics.median(f + b for f, b, _ in times) * 1e3
     row = {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "total_ms": total_ms, "value": value,
            "peak_extra_mib": max(peak, 0) / 2**20, "peak_total_mib": rss / 2**20,
-           "threads": torch.get_num_threads(), "timed_runs": len(times)}
+           "threads": torch.get_num_threads(), "timed_runs": len(times),
+           "peak_after_warmup": bool(cuda or hwm_reset)}
     if opt.op == "linear_kl":
         row["tflops"] = work / (total_ms / 1e3) / 1e12
         if provider == "triton":
@@ -269,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                    opt.dtype, "--repeats", str(opt.repeats), "--budget_s", str(opt.budget_s),
                    "--frozen_head",
                    "on" if opt.frozen_head else "off", "--worker", provider]
-            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(32 << 20))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             head = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "op": opt.op, "shape": shape,

@@ -14,6 +14,17 @@ b. hf: a separate teacher copy; dynamic padding; full logits [B, T, V]; losses o
 c. rdcore, caches off: shared weights (teacher = adapters disabled), fused kernels on the distilled
    rows only. d. rdcore + rule-prefix cache. e. rdcore + prefix and teacher-target caches over
    ``--epochs`` epochs: samples/s per epoch and their mean.
+f. trl-gkd: TRL's ``GKDTrainer`` (pinned, see ``requirements/bench-peers.txt``; ``lmbda=0``,
+   ``beta=0``: forward KL(teacher ‖ student) on the fixed responses, no hidden-state term; the
+   teacher a second copy of the same model). GKD gives teacher and student the *same* input, so the
+   rule goes into neither side: both run the student sequence (rdcore's teacher also reads the rule
+   and rdcore computes the hidden-state term: the comparison favours TRL). Its own training loop
+   (``Trainer``: AdamW lr 1e-4, constant schedule) on exactly the batches of the other variants, in
+   order (one dataset row per batch); full logits [B, T, V] for both models. Skipped with a message
+   when TRL is not installed (``make bench-peers``). TRL's experimental SDFT trainer, the one peer
+   that shares weights and gives only the teacher a privileged context, generates the student's
+   responses on-policy every step: its step is not comparable with a fixed-data step, so it is not
+   a variant here.
 
 Per variant (each in its own subprocess): samples/s (median over steps after ``--warmup``),
 teacher token positions run per sample (padding included), teacher-pass seconds per step (median),
@@ -24,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import platform
 import resource
@@ -36,7 +48,8 @@ from common import RESULTS as RESULTS_DIR
 from common import ROOT, git_sha
 
 RESULTS = RESULTS_DIR / "step.jsonl"
-VARIANTS = {"a": "paper", "b": "hf", "c": "rdcore", "d": "rdcore+prefix", "e": "rdcore+prefix+targets"}
+VARIANTS = {"a": "paper", "b": "hf", "c": "rdcore", "d": "rdcore+prefix", "e": "rdcore+prefix+targets",
+            "f": "trl-gkd"}
 
 
 def _now(cuda: bool) -> float:
@@ -97,7 +110,7 @@ def worker(args: argparse.Namespace) -> dict:
     P = data.rule_prefix_len
     variant = args.one
     teacher = None
-    if variant in ("a", "b"):
+    if variant in ("a", "b", "f"):
         teacher = copy.deepcopy(base).to(device).eval()  # the separate teacher copy
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -159,6 +172,8 @@ def worker(args: argparse.Namespace) -> dict:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    if variant == "f":
+        return _trl_gkd(args, model, teacher, tok, data, batches, pad, cuda, dtype)
     epochs = args.epochs if variant == "e" else 1
     per_epoch: list[float] = []
     step_times: list[float] = []
@@ -190,7 +205,13 @@ def worker(args: argparse.Namespace) -> dict:
         "samples_per_s_per_epoch": per_epoch if variant == "e" else None,
         "teacher_tokens_per_sample": teacher_tokens / total_samples,
         "teacher_s_per_step": statistics.median(teacher_time) if teacher_time else 0.0,
-        "peak_mem_mib": peak / 2**20,
+        "peak_mem_mib": peak / 2**20, **_common_fields(data, P, cuda, dtype)}
+
+
+def _common_fields(data, P: int, cuda: bool, dtype) -> dict:
+    import torch
+
+    return {
         "rule_prefix_tokens": P,
         "mean_teacher_len": sum(len(e.teacher_ids) for e in data) / len(data),
         "examples": len(data),
@@ -199,6 +220,68 @@ def worker(args: argparse.Namespace) -> dict:
         "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__,
     }
+
+
+def _trl_gkd(args, model, teacher, tok, data, batches, pad: int, cuda: bool, dtype) -> dict:
+    """Variant f: TRL's GKDTrainer on the same batches (see the module docstring)."""
+    import tempfile
+
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from rdcore.data import collate
+
+    todo = (batches * (args.warmup + args.steps))[: args.warmup + args.steps]
+    rows = datasets.Dataset.from_dict({"batch": todo})  # one row per batch, in order
+
+    def collator(features: list[dict]) -> dict:
+        ids = features[0]["batch"]
+        b = collate([data[i] for i in ids], pad)
+        return {"input_ids": b.student_input_ids, "attention_mask": b.student_attention_mask,
+                "labels": b.student_labels}
+
+    class InOrder(GKDTrainer):
+        def _get_train_sampler(self, *a, **k):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    step_times: list[float] = []
+    teacher_time: list[float] = []
+    tokens = [0]
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = _now(cuda)
+
+        def on_step_end(self, *a, **k):
+            step_times.append(_now(cuda) - self.t0)
+
+    starts: list[float] = []
+    teacher.register_forward_pre_hook(lambda m, a, kw: starts.append(_now(cuda)) or tokens.__setitem__(
+        0, tokens[0] + kw["input_ids"].numel()), with_kwargs=True)
+    teacher.register_forward_hook(lambda *a: teacher_time.append(_now(cuda) - starts[-1]))
+    with tempfile.TemporaryDirectory() as out:
+        cfg = GKDConfig(output_dir=out, lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False,
+                        per_device_train_batch_size=1, gradient_accumulation_steps=1,
+                        max_steps=len(todo), learning_rate=1e-4, lr_scheduler_type="constant",
+                        weight_decay=0.0, warmup_steps=0, logging_steps=10**6, save_strategy="no",
+                        report_to=[], use_cpu=not cuda, bf16=dtype == torch.bfloat16,
+                        dataloader_num_workers=0, disable_dropout=True, max_length=None)
+        trainer = InOrder(model=model, teacher_model=teacher, args=cfg, train_dataset=rows,
+                          data_collator=collator, processing_class=tok, callbacks=[Clock()])
+        trainer.train()
+    timed = step_times[args.warmup:]
+    sizes = [len(ids) for ids in todo[args.warmup:]]
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {
+        "samples_per_s": statistics.mean(sizes) / statistics.median(timed),
+        "samples_per_s_per_epoch": None,
+        "teacher_tokens_per_sample": tokens[0] / sum(len(ids) for ids in todo),
+        "teacher_s_per_step": statistics.median(teacher_time[args.warmup:]),
+        "peak_mem_mib": peak / 2**20, **_common_fields(data, 0, cuda, dtype),
+        "trl": __import__("importlib.metadata").metadata.version("trl")}
 
 
 def _left_pad_to(exs, pad: int, length: int, device):
@@ -301,7 +384,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tasks", default="math,jailbreak")
-    ap.add_argument("--variants", default="a,b,c,d,e")
+    ap.add_argument("--variants", default="a,b,c,d,e,f",
+                    help="f (TRL) is skipped when TRL is not installed")
     ap.add_argument("--shots", type=int, default=8)
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per variant (a-d)")
@@ -332,6 +416,9 @@ def main() -> int:
     for task in args.tasks.split(","):
         got: dict[str, dict] = {}
         for v in args.variants.split(","):
+            if v == "f" and importlib.util.find_spec("trl") is None:
+                print(f"{task} f: skipped, TRL is not installed (make bench-peers)")
+                continue
             cmd = [sys.executable, __file__, "--one", v, "--task", task] + [
                 f"--{k}={getattr(args, k)}" for k in ("model", "shots", "batch_size", "steps",
                                                       "warmup", "epochs", "beta",

@@ -46,6 +46,12 @@ def _check(x, xt, w, wt, b, bt, mask, reduction) -> None:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
+def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """``a`` and ``b`` are views of the same memory with the same layout (the same values)."""
+    return (a is not None and b is not None and a.device == b.device and a.dtype == b.dtype
+            and a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr())
+
+
 def fused_linear_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
                     weight: torch.Tensor, teacher_weight: torch.Tensor | None = None, *,
                     bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
@@ -64,7 +70,9 @@ def fused_linear_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
     chunk (default: chosen from the shapes; smaller saves memory, larger is faster up to a point)."""
     spec = LogitSpec(float(temperature), float(logit_scale),
                      None if softcap is None else float(softcap))
-    shared = teacher_weight is None
+    # the same head also when passed again (e.g. ``weight.detach()``): one GEMM over [x̃; x]
+    shared = teacher_weight is None or (_same_tensor(teacher_weight, weight) and (
+        (teacher_bias is None and bias is None) or _same_tensor(teacher_bias, bias)))
     wt = weight if shared else teacher_weight.detach()
     bt = bias if shared else (None if teacher_bias is None else teacher_bias.detach())
     _check(student_hidden, teacher_hidden, weight, wt, bias, bt, mask, reduction)

@@ -222,3 +222,24 @@ def test_a_head_beyond_int32_offsets():
     assert w.numel() >= 2**31
     got, want = (fused_linear_kl(x, xt, w, impl=impl) for impl in ("triton", "torch"))
     assert abs(got.item() - want.item()) <= 2e-2 * abs(want.item())
+
+
+def test_the_same_head_passed_again_takes_the_shared_path(monkeypatch):
+    """``teacher_weight=weight.detach()`` (what a caller holding one head passes) is the shared
+    head: one logits GEMM over [x̃; x] per chunk, the same result as ``teacher_weight=None``."""
+    from rdcore.kernels import linear_kl_torch
+
+    calls = []
+    real = linear_kl_torch._logits_into
+    monkeypatch.setattr(linear_kl_torch, "_logits_into",
+                        lambda out, *a: calls.append(out.shape[0]) or real(out, *a))
+    x, xt, w, _ = make(N=20, H=16, V=300)
+    x, xt, w = x.float().requires_grad_(), xt.float(), w.float().requires_grad_()
+    got = fused_linear_kl(x, xt, w, w.detach(), impl="torch", chunk_rows=8)
+    assert calls == [16, 16, 8]  # [x̃; x] of 8, 8 and 4 rows
+    calls.clear()
+    want = fused_linear_kl(x, xt, w, None, impl="torch", chunk_rows=8)
+    assert len(calls) == 3 and torch.equal(got, want)
+    calls.clear()  # a different head (other memory, equal values) is not taken for the same one
+    fused_linear_kl(x, xt, w, w.detach().clone(), impl="torch", chunk_rows=8)
+    assert calls == [8, 8, 8, 8, 4, 4]
