@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from common import RESULTS, append_rows, device_name, git_sha, parse, versions
+from common import RESULTS, append_rows, device_name, git_sha, parse, read_rows, versions
 
 OUT = RESULTS / "kernels.jsonl"
 GRID_TABLE = RESULTS / "kernels_grid.md"
@@ -288,9 +288,25 @@ def main(argv: list[str] | None = None) -> int:
           f"{'CUDA' if cuda else 'CPU'}; git {sha}; torch {meta['torch']}")
     print(f"{'shape':>18} {'provider':>12} {'fwd ms':>9} {'bwd ms':>9} {'total ms':>9} "
           f"{'extra MiB':>10} {'peak MiB':>9} {rate:>7}")
-    rows = []
+    rows: list[dict] = []
+    cpu_name = meta["device"] or f"CPU ({torch.get_num_threads()} threads)"
+
+    def keep(row: dict) -> None:  # appended at once: an interrupted grid keeps what it measured
+        rows.append(row)
+        if not opt.no_save:
+            append_rows(OUT, [row])
     for shape in shapes:
         for provider in providers:
+            need = _naive_cpu_bytes(opt, provider, shape, cuda)
+            if need:
+                why = (f"skipped: needs about {need / 2**30:.0f} GiB (8 fp32 [N, V] tensors at "
+                       f"once, measured 7.6 at 4096 x 512 x 128256), the machine has "
+                       f"{_available_bytes() / 2**30:.0f} GiB available")
+                print(f"{shape:>18} {provider:>12}   {why}", flush=True)
+                keep({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "op": opt.op, "shape": shape,
+                      "dtype": opt.dtype, "frozen_head": opt.frozen_head, "provider": provider,
+                      "repeats": opt.repeats, **meta, "device": cpu_name, "failed": why})
+                continue
             cmd = [sys.executable, __file__, "--op", opt.op, "--shapes", shape, "--dtype",
                    opt.dtype, "--repeats", str(opt.repeats), "--budget_s", str(opt.budget_s),
                    "--frozen_head",
@@ -306,26 +322,60 @@ def main(argv: list[str] | None = None) -> int:
                 if proc.returncode < 0:  # killed: on this machine, by the kernel's OOM killer
                     err = f"killed by signal {-proc.returncode} (out of memory?) {err}"
                 print(f"{shape:>18} {provider:>12}   failed: {err[:200]}", flush=True)
-                rows.append({**head, "failed": err[:300],
-                             "device": meta["device"] or "CPU"})
+                keep({**head, "failed": err[:300], "device": cpu_name})
                 continue
             r = json.loads(line[-1][7:])
             row = {**head, **r}
-            row["device"] = row["device"] or f"CPU ({r['threads']} threads)"
-            rows.append(row)
+            row["device"] = row["device"] or cpu_name
+            keep(row)
             print(f"{shape:>18} {provider:>12} {r['fwd_ms']:9.1f} {r['bwd_ms']:9.1f} "
                   f"{r['total_ms']:9.1f} {r['peak_extra_mib']:10.1f} {r['peak_total_mib']:9.0f} "
                   f"{r[rate]:7.3f}", flush=True)
     if opt.grid:
-        table = grid_verdict(rows)
+        table = grid_verdict(rows + earlier_peer_rows(rows, providers))
         print(table)
         if not opt.no_save:
             GRID_TABLE.write_text(table)
             print(f"wrote {GRID_TABLE.relative_to(GRID_TABLE.parents[2])}")
     if rows and not opt.no_save:
-        n = append_rows(OUT, rows)
-        print(f"appended {n} rows to {OUT.relative_to(OUT.parents[2])}")
+        print(f"appended {len(rows)} rows to {OUT.relative_to(OUT.parents[2])}")
     return 0
+
+
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _naive_cpu_bytes(opt: Options, provider: str, shape: str, cuda: bool) -> int:
+    """The naive provider's memory need on CPU when it exceeds what the machine has (0 otherwise):
+    run anyway, it would compute for minutes and then be killed by the kernel's OOM killer."""
+    if provider != "naive" or cuda or opt.op != "linear_kl":
+        return 0
+    N, _, V = (int(v) for v in shape.split(","))
+    need = 8 * N * V * 4
+    return need if need > _available_bytes() else 0
+
+
+def earlier_peer_rows(rows: list[dict], ran: list[str]) -> list[dict]:
+    """For a grid run of only some providers (``--providers torch`` after a change to rdcore):
+    the newest recorded rows of the grid's other providers at the same shape, dtype, head mode,
+    device and torch version (their code did not change), marked with the run they come from."""
+    if not rows:
+        return []
+    first = rows[0]
+    same = ("dtype", "frozen_head", "device", "torch")
+    shapes = {r["shape"] for r in rows}
+    newest: dict[tuple, dict] = {}
+    for r in read_rows(OUT):
+        if (r.get("op") == "linear_kl" and r["provider"] in ("naive", "torch", "liger")
+                and r["provider"] not in ran and r["shape"] in shapes
+                and all(r.get(k) == first.get(k) for k in same)):
+            newest[(r["shape"], r["provider"])] = {**r, "from_run": r.get("run")}
+    return list(newest.values())
 
 
 def grid_verdict(rows: list[dict]) -> str:
@@ -378,7 +428,11 @@ def grid_verdict(rows: list[dict]) -> str:
         out.append(f"| {n} × {h} × {v} | {sec(t)} | {sec(cell['naive'])} | {sec(cell['liger'])} | "
                    f"{runs} | {t_ratio} | {mib(t)} | {mib(cell['naive'])} | {mib(cell['liger'])} "
                    f"| {m_ratio} | {verdict} |")
+    reused = sorted({f"{r['provider']} from run {r['from_run']} (git {r.get('git')})"
+                     for r in rows if r.get("from_run")})
     out += ["", f"Both targets met at {met} of {len(shapes)} points."]
+    if reused:
+        out += ["", "Rows of earlier runs (code unchanged since): " + "; ".join(reused) + "."]
     return "\n".join(out) + "\n"
 
 

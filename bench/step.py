@@ -371,6 +371,12 @@ def summary() -> int:
             print(f"{v + ': ' + VARIANTS[v]:24} {med(v, 'samples_per_s'):10.3f} {ratio(v, 'a'):6.2f} "
                   f"{ratio(v, 'b'):6.2f} {med(v, 'teacher_tokens_per_sample'):18.1f} "
                   f"{med(v, 'teacher_s_per_step'):14.3f} {med(v, 'peak_mem_mib'):9.0f}")
+        if any("f" in run for run in runs.values()):
+            print(f"vs TRL GKDTrainer: samples/s (d)/(f) {ratio('d', 'f'):.2f}x, (e)/(f) "
+                  f"{ratio('e', 'f'):.2f}x (>= 2); peak (d)/(f) {ratio('d', 'f', 'peak_mem_mib'):.2f}, "
+                  f"(e)/(f) {ratio('e', 'f', 'peak_mem_mib'):.2f} (<= 0.5)")
+        if not any("d" in run for run in runs.values()):
+            continue
         frac = med("d", "rule_prefix_tokens") / med("d", "mean_teacher_len")
         cut = 1 - ratio("d", "c", "teacher_s_per_step")
         print(f"targets: (d)/(a) {ratio('d', 'a'):.1f}x (>= 5); (e)/(b) {ratio('e', 'b'):.2f}x (>= 2); "
@@ -443,6 +449,13 @@ def main() -> int:
             cut = 1 - got["d"]["teacher_s_per_step"] / got["c"]["teacher_s_per_step"]
             print(f"{task}: rule prefix = {frac:.0%} of teacher tokens; prefix cache cuts the teacher "
                   f"pass by {cut:.0%} (target >= {0.8 * frac:.0%})")
+        if "f" in got:
+            for v in ("c", "d", "e"):
+                if v in got:
+                    print(f"{task}: {VARIANTS[v]} / TRL GKDTrainer: samples/s "
+                          f"{got[v]['samples_per_s'] / got['f']['samples_per_s']:.2f}x (goal >= 2), "
+                          f"peak memory {got[v]['peak_mem_mib'] / got['f']['peak_mem_mib']:.2f}x "
+                          "(goal <= 0.5)")
     if not args.no_save:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with RESULTS.open("a") as fh:

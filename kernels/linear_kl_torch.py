@@ -44,6 +44,11 @@ MAX_CHUNK_ROWS = 512
 """Beyond ~512 rows (a logits GEMM of 2·C = 1024 rows) a CPU GEMM gains nothing more, while the
 [2C, V] logit buffer keeps growing (measured on the project's 2-core machine: 98, 122, 140, 133
 GFLOP/s for 256, 512, 1024, 2048 rows at H 512, V 32000)."""
+SPLIT_ROWS = 128
+"""A problem that fits one chunk is still cut in two when each half keeps this many rows: one
+chunk would hold every logit at once (the naive footprint), two halve it for one more
+read-modify-write of dW (measured at N 256, H 512, V 128256, two runs: 1.79 and 1.83 s, 409 MiB
+in two chunks against 2.05 and 2.16 s, 522 and 537 MiB in one)."""
 WEIGHT_MULTIPLE = 2
 """The logit buffer may be at most this many times the head weight (allocated anyway, and its
 fp32 gradient as large): memory stays proportional to the problem's own."""
@@ -90,11 +95,12 @@ def torch_chunk_rows(N: int, V: int, H: int, itemsize: int) -> int:
     """Rows per chunk of the chunked path, from the problem: :data:`MAX_CHUNK_ROWS` (GEMMs at
     their best), fewer if the two fp32 [C, V] logit buffers would exceed :data:`WEIGHT_MULTIPLE`
     times the weight [V, H] — but never below :data:`MIN_CHUNK_ROWS` (a compute-bound dW update)
-    — then evened out over the chunks N needs (no small last chunk), never more than N."""
+    — then evened out over the chunks N needs (no small last chunk); N that fits one chunk is
+    halved when the halves keep :data:`SPLIT_ROWS` rows, else taken whole."""
     by_weight = WEIGHT_MULTIPLE * V * H * max(itemsize, 4) // (2 * 4 * max(V, 1))
     most = max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, by_weight))
     if N <= most:
-        return max(N, 1)
+        return -(-N // 2) if N >= 2 * SPLIT_ROWS else max(N, 1)
     return -(-N // -(-N // most))
 
 

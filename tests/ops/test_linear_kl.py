@@ -69,8 +69,8 @@ def test_against_fp64_truth(case, dtype, reduction, impl):
     grad_out = torch.rand(N, dtype=torch.float64) if reduction == "none" else torch.tensor(0.37)
     kw = dict(mask=mask, temperature=1.7, reduction=reduction)
     truth = run(linear_kl_reference, x, xt, w, wt, torch.float64, grad_out, **kw)
-    # chunks of 7 rows: several chunks, the last one partial
-    ours = run(lambda *a, **k: fused_linear_kl(*a, impl=impl, chunk_rows=7, **k), x, xt, w, wt,
+    # chunks of 14 rows: several chunks, the last one partial (41 = 14 + 14 + 13)
+    ours = run(lambda *a, **k: fused_linear_kl(*a, impl=impl, chunk_rows=14, **k), x, xt, w, wt,
                dtype, grad_out, **kw)
     torch_same = run(linear_kl_reference, x, xt, w, wt, dtype, grad_out, **kw)
     for name, o, t, p in zip(("value", "dx", "dw"), ours, truth, torch_same):
@@ -200,7 +200,9 @@ def test_chunk_geometry_follows_the_problem():
     assert torch_chunk_rows(8192, 128256, 64, 4) == MIN_CHUNK_ROWS  # a small H: the floor
     assert torch_chunk_rows(4096, 32000, 400, 4) == 373  # 2·C·V·4 B ≤ 2 · V·H·4 B: 11 chunks
     assert torch_chunk_rows(5000, 32000, 512, 4) == 500  # 10 even chunks, not 9 + 392 rows
-    assert torch_chunk_rows(100, 32000, 512, 4) == 100
+    assert torch_chunk_rows(100, 32000, 512, 4) == 100  # small: one chunk
+    assert torch_chunk_rows(256, 128256, 512, 4) == 128  # fits one chunk, halved: never all logits
+    assert torch_chunk_rows(300, 32000, 2048, 4) == 150
     # Triton: within the buffer budget, evened out over the chunks, a multiple of 64
     for N, V in [(8192, 128256), (1024, 262144), (5000, 128256)]:
         C = triton_chunk_rows(N, V, torch.bfloat16)
