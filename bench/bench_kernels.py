@@ -402,7 +402,9 @@ def grid_verdict(rows: list[dict]) -> str:
             return r is not None and "failed" not in r
 
         def sec(r):
-            return f"{r['total_ms'] / 1e3:.2f}" if ok(r) else ("failed" if r else "–")
+            if ok(r):
+                return f"{r['total_ms'] / 1e3:.2f}"
+            return ("skipped" if r["failed"].startswith("skipped") else "failed") if r else "–"
 
         def mib(r):
             return f"{r['peak_extra_mib']:.0f}" if ok(r) else "–"
