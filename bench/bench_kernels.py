@@ -95,12 +95,20 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as fh:
+def _proc_kib_bytes(path: str, key: str) -> int:
+    """``key`` of a ``/proc`` file of ``Key: value kB`` lines, in bytes (0 if absent)."""
+    with open(path) as fh:
         for line in fh:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return 0
+
+
+def _peak_rss_bytes() -> int:
+    peak = _proc_kib_bytes("/proc/self/status", "VmHWM")
+    if not peak:
+        raise RuntimeError("no VmHWM in /proc/self/status")
+    return peak
 
 
 def linear_kl_traffic(N: int, H: int, V: int, itemsize: int, C: int, frozen: bool) -> int:
@@ -297,15 +305,16 @@ def main(argv: list[str] | None = None) -> int:
             append_rows(OUT, [row])
     for shape in shapes:
         for provider in providers:
+            head = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "op": opt.op, "shape": shape,
+                    "dtype": opt.dtype, "frozen_head": opt.frozen_head, "provider": provider,
+                    "repeats": opt.repeats, **meta}
             need = _naive_cpu_bytes(opt, provider, shape, cuda)
             if need:
                 why = (f"skipped: needs about {need / 2**30:.0f} GiB (8 fp32 [N, V] tensors at "
                        f"once, measured 7.6 at 4096 x 512 x 128256), the machine has "
                        f"{_available_bytes() / 2**30:.0f} GiB available")
                 print(f"{shape:>18} {provider:>12}   {why}", flush=True)
-                keep({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "op": opt.op, "shape": shape,
-                      "dtype": opt.dtype, "frozen_head": opt.frozen_head, "provider": provider,
-                      "repeats": opt.repeats, **meta, "device": cpu_name, "failed": why})
+                keep({**head, "device": cpu_name, "failed": why})
                 continue
             cmd = [sys.executable, __file__, "--op", opt.op, "--shapes", shape, "--dtype",
                    opt.dtype, "--repeats", str(opt.repeats), "--budget_s", str(opt.budget_s),
@@ -314,9 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(32 << 20))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            head = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "op": opt.op, "shape": shape,
-                    "dtype": opt.dtype, "frozen_head": opt.frozen_head, "provider": provider,
-                    "repeats": opt.repeats, **meta}
+            head["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")  # when the measurement ended
             if proc.returncode != 0 or not line:
                 err = (proc.stderr.strip().splitlines() or ["?"])[-1]
                 if proc.returncode < 0:  # killed: on this machine, by the kernel's OOM killer
@@ -343,11 +350,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _available_bytes() -> int:
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _proc_kib_bytes("/proc/meminfo", "MemAvailable")
 
 
 def _naive_cpu_bytes(opt: Options, provider: str, shape: str, cuda: bool) -> int:

@@ -45,7 +45,7 @@ import sys
 import time
 
 from common import RESULTS as RESULTS_DIR
-from common import ROOT, git_sha
+from common import ROOT, git_sha, versions
 
 RESULTS = RESULTS_DIR / "step.jsonl"
 VARIANTS = {"a": "paper", "b": "hf", "c": "rdcore", "d": "rdcore+prefix", "e": "rdcore+prefix+targets",
@@ -196,8 +196,6 @@ def worker(args: argparse.Namespace) -> dict:
         teacher_tokens = module.work.tokens
     total_samples = (len(data) * epochs) if variant == "e" else (
         sum(len(b) for b in (batches * (args.warmup + args.steps))[: args.warmup + args.steps]))
-    peak = (torch.cuda.max_memory_allocated() if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     med_step = statistics.median(step_times)
     bsz_mean = counted / len(step_times)
     return {
@@ -205,13 +203,18 @@ def worker(args: argparse.Namespace) -> dict:
         "samples_per_s_per_epoch": per_epoch if variant == "e" else None,
         "teacher_tokens_per_sample": teacher_tokens / total_samples,
         "teacher_s_per_step": statistics.median(teacher_time) if teacher_time else 0.0,
-        "peak_mem_mib": peak / 2**20, **_common_fields(data, P, cuda, dtype)}
+        **_common_fields(data, P, cuda, dtype)}
 
 
 def _common_fields(data, P: int, cuda: bool, dtype) -> dict:
+    """What every variant's row records besides its timings: peak memory (CUDA
+    ``max_memory_allocated``, CPU the process's peak resident set), the data and the device."""
     import torch
 
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {
+        "peak_mem_mib": peak / 2**20,
         "rule_prefix_tokens": P,
         "mean_teacher_len": sum(len(e.teacher_ids) for e in data) / len(data),
         "examples": len(data),
@@ -273,15 +276,12 @@ def _trl_gkd(args, model, teacher, tok, data, batches, pad: int, cuda: bool, dty
         trainer.train()
     timed = step_times[args.warmup:]
     sizes = [len(ids) for ids in todo[args.warmup:]]
-    peak = (torch.cuda.max_memory_allocated() if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {
         "samples_per_s": statistics.mean(sizes) / statistics.median(timed),
         "samples_per_s_per_epoch": None,
         "teacher_tokens_per_sample": tokens[0] / sum(len(ids) for ids in todo),
         "teacher_s_per_step": statistics.median(teacher_time[args.warmup:]),
-        "peak_mem_mib": peak / 2**20, **_common_fields(data, 0, cuda, dtype),
-        "trl": __import__("importlib.metadata").metadata.version("trl")}
+        **_common_fields(data, 0, cuda, dtype), "trl": versions("trl")["trl"]}
 
 
 def _left_pad_to(exs, pad: int, length: int, device):
