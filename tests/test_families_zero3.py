@@ -1,6 +1,6 @@
 """The compatibility matrix: every tiny family of ``tests/families.py``, saved as a Hugging Face
 folder and loaded through ``--model DIR``, trained on 2 ranks under ZeRO-3 in LoRA and full modes
-by the trainer's own ``rdcore.train.run`` (one DeepSpeed launch for all 40 runs: see
+by the trainer's own ``rdcore.train.run`` (one 2-rank launch for all 40 runs: see
 ``tests/scripts/family_matrix.py``). For each family and mode the loss curve with every teacher
 cache and the interleaving on equals the curve with all of them off; the trained model generates
 through ``rdcore.evaluate``. (Exactness in fp64, and the fused loss against the model's own logits,
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from families import FAMILIES, WHAT, folder
-from helpers import assert_same_curve, deepspeed_launcher, free_port, metrics, run_checked
+from helpers import assert_same_curve, metrics, run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +34,9 @@ def matrix(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
     folders = [folder(f, root / "models") for f in FAMILIES]
     runs = root / "runs"
-    run_checked([*deepspeed_launcher(), "--num_accelerators", "2", "--master_port",
-                 str(free_port()), "tests/scripts/family_matrix.py", str(runs),
-                 *map(str, folders)], timeout=1800)
+    proc = run_ranks("tests/scripts/family_matrix.py", [str(runs), *map(str, folders)], 2,
+                     timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return runs
 
 
