@@ -142,8 +142,15 @@ def _ranks_forked(server: RankServer, script: str, argvs: list[list[str]],
                   timeout: int) -> tuple[int, bool]:
     request = {"script": script, "argvs": argvs, "envs": envs, "outputs": outputs,
                "timeout": timeout}
+    import select
+
     server.proc.stdin.write(json.dumps(request) + "\n")
     server.proc.stdin.flush()
+    # the server answers by the deadline (it kills the ranks then); a server that does not is
+    # killed rather than waited for
+    if not select.select([server.proc.stdout], [], [], timeout + 120)[0]:
+        server.proc.kill()
+        raise server.died(f"did not answer within {timeout + 120} s")
     line = server.proc.stdout.readline()
     if not line:
         raise server.died("died")
