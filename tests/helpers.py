@@ -169,7 +169,7 @@ def _ranks_spawned(server: None, script: str, argvs: list[list[str]], envs: list
                                           stdout=fo, stderr=fe))
     deadline, timed_out, first = time.monotonic() + timeout, False, 0
     try:
-        while any(p.poll() is None for p in procs):
+        while [p.poll() for p in procs].count(None):  # every rank polled (any() would stop early)
             timed_out = time.monotonic() > deadline
             first = next((p.returncode for p in procs if p.returncode not in (None, 0)), 0)
             if timed_out or first:

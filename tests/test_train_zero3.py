@@ -627,6 +627,27 @@ def test_a_rule_book_run_ends_with_its_before_after_table(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
+def test_run_ranks_kills_the_others_when_one_fails_and_at_the_deadline(tmp_path):
+    """``helpers.run_ranks`` as the launcher behaves: the first failing rank's code comes back and
+    the rank still waiting is killed; ranks still running at the deadline are killed and the run
+    raises ``TimeoutExpired`` (through the rank server, or fresh interpreters with
+    ``RDCORE_TEST_FRESH_RANKS=1``)."""
+    script = tmp_path / "ranks.py"
+    script.write_text("import os, sys, time\n"
+                      "if os.environ['RANK'] == '1' and 'fail' in sys.argv:\n"
+                      "    print('rank 1 fails', file=sys.stderr)\n"
+                      "    sys.exit(3)\n"
+                      "time.sleep(120)\n")
+    t0 = time.monotonic()
+    proc = run_ranks(str(script), ["fail"], 2, env(), timeout=100)
+    assert proc.returncode == 3 and "rank 1 fails" in proc.stderr
+    assert time.monotonic() - t0 < 60  # rank 0 (sleeping 120 s) was killed, not waited for
+    t0 = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_ranks(str(script), [], 2, env(), timeout=2)
+    assert time.monotonic() - t0 < 60
+
+
 def test_the_runs_above_were_forked_by_the_rank_server():
     """After everything the tests above did to this process's environment, a standard run still
     goes to the rank server (``helpers.run_ranks``): a variable set on the way would otherwise
