@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -127,8 +128,10 @@ def run_ranks(script: str, args: list[str], ranks: int, env: dict[str, str] | No
     server = rank_server({k: v for k, v in env.items() if k not in NOT_COMPARED})
     with tempfile.TemporaryDirectory() as tmp:
         outputs = [(f"{tmp}/{r}.out", f"{tmp}/{r}.err") for r in range(ranks)]
-        run = _ranks_forked if server is not None else _ranks_spawned
-        code, timed_out = run(server, script, argvs, envs, outputs, timeout)
+        if server is not None:
+            code, timed_out = _ranks_forked(server, script, argvs, envs, outputs, timeout)
+        else:
+            code, timed_out = _ranks_spawned(script, argvs, envs, outputs, timeout)
         texts = [(Path(o).read_text(errors="replace"), Path(e).read_text(errors="replace"))
                  for o, e in outputs]
     if timed_out:
@@ -142,8 +145,6 @@ def _ranks_forked(server: RankServer, script: str, argvs: list[list[str]],
                   timeout: int) -> tuple[int, bool]:
     request = {"script": script, "argvs": argvs, "envs": envs, "outputs": outputs,
                "timeout": timeout}
-    import select
-
     server.proc.stdin.write(json.dumps(request) + "\n")
     server.proc.stdin.flush()
     # the server answers by the deadline (it kills the ranks then); a server that does not is
@@ -158,7 +159,7 @@ def _ranks_forked(server: RankServer, script: str, argvs: list[list[str]],
     return reply["code"], reply["timed_out"]
 
 
-def _ranks_spawned(server: None, script: str, argvs: list[list[str]], envs: list[dict[str, str]],
+def _ranks_spawned(script: str, argvs: list[list[str]], envs: list[dict[str, str]],
                    outputs: list[tuple[str, str]], timeout: int) -> tuple[int, bool]:
     import time
 
