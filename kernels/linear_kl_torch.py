@@ -45,10 +45,17 @@ MAX_CHUNK_ROWS = 512
 [2C, V] logit buffer keeps growing (measured on the project's 2-core machine: 98, 122, 140, 133
 GFLOP/s for 256, 512, 1024, 2048 rows at H 512, V 32000)."""
 SPLIT_ROWS = 128
-"""A problem that fits one chunk is still cut in two when each half keeps this many rows: one
-chunk would hold every logit at once (the naive footprint), two halve it for one more
-read-modify-write of dW (measured at N 256, H 512, V 128256, two runs: 1.79 and 1.83 s, 409 MiB
-in two chunks against 2.05 and 2.16 s, 522 and 537 MiB in one)."""
+"""A problem that fits one chunk may still be cut in two when each half keeps this many rows: one
+chunk holds every logit at once (the naive footprint), two halve that buffer for one more
+read-modify-write of dW and two more, smaller GEMMs (see :data:`SPLIT_SAVING`)."""
+SPLIT_SAVING = 0.2
+"""...and only when halving the logit buffer saves at least this fraction of the op's own memory
+(the fp32 dW, unless the head is frozen, plus the [2N, V] buffer): the split costs time. Measured
+on the project's 2-core machine, one process per shape, the two chunkings and naive alternated
+(5 or 3 times each, medians): one chunk of 256 rows against two of 128 — 1.66 vs 1.84 s at H 2048,
+V 32000; 7.69 vs 9.33 s at H 2048, V 128256; 0.63 vs 0.69 s at H 512, V 32000; 2.34 vs 2.61 s at
+H 512, V 128256. At H 2048 the split saves 10 % of the footprint (one chunk: 10–18 % faster); at
+H 512 it saves 25 % (kept: half of Liger's peak memory is the target there)."""
 WEIGHT_MULTIPLE = 2
 """The logit buffer may be at most this many times the head weight (allocated anyway, and its
 fp32 gradient as large): memory stays proportional to the problem's own."""
@@ -91,16 +98,19 @@ def linear_kl_reference(student_hidden: torch.Tensor, teacher_hidden: torch.Tens
 # --------------------------------------------------------------------------------------------------
 # Chunked PyTorch path
 # --------------------------------------------------------------------------------------------------
-def torch_chunk_rows(N: int, V: int, H: int, itemsize: int) -> int:
+def torch_chunk_rows(N: int, V: int, H: int, itemsize: int, want_dw: bool = True) -> int:
     """Rows per chunk of the chunked path, from the problem: :data:`MAX_CHUNK_ROWS` (GEMMs at
     their best), fewer if the two fp32 [C, V] logit buffers would exceed :data:`WEIGHT_MULTIPLE`
     times the weight [V, H] — but never below :data:`MIN_CHUNK_ROWS` (a compute-bound dW update)
     — then evened out over the chunks N needs (no small last chunk); N that fits one chunk is
-    halved when the halves keep :data:`SPLIT_ROWS` rows, else taken whole."""
+    halved when the halves keep :data:`SPLIT_ROWS` rows and halving saves
+    :data:`SPLIT_SAVING` of the op's memory, else taken whole."""
     by_weight = WEIGHT_MULTIPLE * V * H * max(itemsize, 4) // (2 * 4 * max(V, 1))
     most = max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, by_weight))
     if N <= most:
-        return -(-N // 2) if N >= 2 * SPLIT_ROWS else max(N, 1)
+        footprint = 2 * N * V + (V * H if want_dw else 0)  # fp32 elements: [2N, V] buffer, dW
+        split = N >= 2 * SPLIT_ROWS and N * V >= SPLIT_SAVING * footprint
+        return -(-N // 2) if split else max(N, 1)
     return -(-N // -(-N // most))
 
 
@@ -163,7 +173,8 @@ def _chunked_pass(prob: KLProblem, row_w_N: torch.Tensor, want_dx: bool, want_dw
     V = w_VH.shape[0]
     acc = torch.float64 if x_NH.dtype == torch.float64 else torch.float32
     shared = wt_VHt is w_VH and bt_V is b_V and xt_NHt.dtype == x_NH.dtype
-    C = min(chunk, max(N, 1)) if chunk else torch_chunk_rows(N, V, H, w_VH.element_size())
+    C = min(chunk, max(N, 1)) if chunk else torch_chunk_rows(N, V, H, w_VH.element_size(),
+                                                             want_dw)
     R = max(1, min(C, BLOCK_ELEMENTS // max(V, 1)))
     want_grad = want_dx or want_dw or want_db
     loss_N = x_NH.new_empty(N, dtype=acc)

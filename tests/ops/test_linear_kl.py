@@ -201,8 +201,13 @@ def test_chunk_geometry_follows_the_problem():
     assert torch_chunk_rows(4096, 32000, 400, 4) == 373  # 2·C·V·4 B ≤ 2 · V·H·4 B: 11 chunks
     assert torch_chunk_rows(5000, 32000, 512, 4) == 500  # 10 even chunks, not 9 + 392 rows
     assert torch_chunk_rows(100, 32000, 512, 4) == 100  # small: one chunk
-    assert torch_chunk_rows(256, 128256, 512, 4) == 128  # fits one chunk, halved: never all logits
-    assert torch_chunk_rows(300, 32000, 2048, 4) == 150
+    # fits one chunk: halved where that saves ≥ SPLIT_SAVING of the memory (the buffer against dW)
+    assert torch_chunk_rows(256, 128256, 512, 4) == 128  # saves 25 %
+    assert torch_chunk_rows(300, 32000, 600, 4) == 150  # 25 %
+    assert torch_chunk_rows(300, 32000, 1024, 4) == 300  # 18 %
+    assert torch_chunk_rows(256, 32000, 2048, 4) == 256  # 10 %: one chunk, 10-18 % faster
+    assert torch_chunk_rows(256, 32000, 2048, 4, want_dw=False) == 128  # no dW: saves half
+    assert torch_chunk_rows(200, 32000, 512, 4) == 200  # halves below SPLIT_ROWS
     # Triton: within the buffer budget, evened out over the chunks, a multiple of 64
     for N, V in [(8192, 128256), (1024, 262144), (5000, 128256)]:
         C = triton_chunk_rows(N, V, torch.bfloat16)
