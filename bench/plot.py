@@ -35,9 +35,10 @@ def main() -> int:
         for r in rs:  # the newest row per (shape, provider); failed runs have no figures
             if "failed" not in r:
                 latest[(r["shape"], r["provider"])] = r
-        shapes = sorted({s for s, _ in latest})
+        shapes = sorted({s for s, _ in latest},  # numerically, the last dimension slowest
+                        key=lambda s: [int(v) for v in s.split(",")][::-1])
         providers = sorted({p for _, p in latest})
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(max(11, 0.75 * len(shapes) + 4), 4.8))
         width = 0.8 / len(providers)
         for i, p in enumerate(providers):
             xs = [j + i * width for j in range(len(shapes))]
@@ -48,9 +49,11 @@ def main() -> int:
             axes[0].bar(xs, ms, width, label=p)
             axes[1].bar(xs, mem, width, label=p)
         for ax, title in zip(axes, ("forward+backward (ms, median)", "peak extra memory (MiB)")):
-            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, fontsize=8)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, fontsize=8,
+                          rotation=60, ha="right")
+            ax.set_yscale("log")  # the shapes span orders of magnitude
             ax.set_title(title)
-            ax.legend()
+            ax.legend(fontsize=8)
         fig.suptitle(f"{op} {dtype} on {device}")
         fig.tight_layout()
         safe = "".join(c if c.isalnum() else "_" for c in device)[:40]
