@@ -314,20 +314,19 @@ def main(argv: list[str] | None = None) -> int:
         if not opt.no_save:
             append_rows(OUT, [row])
     for shape in shapes:
+        heads = {p: {"op": opt.op, "shape": shape, "dtype": opt.dtype,
+                     "frozen_head": opt.frozen_head, "provider": p, "repeats": opt.repeats,
+                     **meta} for p in providers}
         got: dict[str, list[dict]] = {p: [] for p in providers}
-        heads: dict[str, dict] = {}
+        failed: dict[str, str] = {}  # a provider that failed or was skipped is not tried again
         for sweep in range(max(opt.rounds, 1)):
             for provider in (providers if sweep % 2 == 0 else providers[::-1]):
-                head = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "op": opt.op,
-                        "shape": shape, "dtype": opt.dtype, "frozen_head": opt.frozen_head,
-                        "provider": provider, "repeats": opt.repeats, **meta}
-                if provider in heads and "failed" in heads[provider]:
-                    continue  # failed or skipped in an earlier sweep: not tried again
-                heads[provider] = head
+                if provider in failed:
+                    continue
                 r = _measure(opt, provider, shape, cuda)
-                head["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")  # when it ended
+                heads[provider]["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")  # when it ended
                 if "failed" in r:
-                    head.update(r, device=cpu_name)
+                    failed[provider] = r["failed"]
                     print(f"{shape:>18} {provider:>12}   {r['failed'][:200]}", flush=True)
                     continue
                 got[provider].append(r)
@@ -336,14 +335,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['total_ms']:9.1f} {r['peak_extra_mib']:10.1f} "
                       f"{r['peak_total_mib']:9.0f} {r[rate]:7.3f}", flush=True)
         for provider in providers:
-            head = heads[provider]
-            if "failed" in head and not got[provider]:
-                keep(head)
-            elif got[provider]:
-                row = {**head, **combine(got[provider])}
-                row.pop("failed", None)
-                row["device"] = row["device"] or cpu_name
-                keep(row)
+            if got[provider]:
+                row = {**heads[provider], **combine(got[provider])}
+                keep({**row, "device": row["device"] or cpu_name})
+            elif provider in failed:
+                keep({**heads[provider], "failed": failed[provider], "device": cpu_name})
     if opt.grid or opt.table:
         table = grid_verdict(rows + earlier_peer_rows(rows, providers),
                              "--grid on" if opt.grid else " ".join(sys.argv[1:]))
