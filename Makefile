@@ -21,7 +21,7 @@ DEMO_OUT   ?= runs/demo
 DEMO_FLAGS ?= --task rulebook --rule french --shots 16 --responses teacher --response_tokens 48 \
 	--method rule_distill_base --epochs 3 --lr 1e-3 --report 16 --output_dir $(DEMO_OUT) --resume on
 
-.PHONY: setup demo test lint bench bench-peers gpu-check clean
+.PHONY: setup demo test lint bench bench-peers gpu-wheels gpu-check clean
 
 setup: $(STAMP)
 
@@ -53,14 +53,24 @@ bench: setup
 bench-peers: setup
 	$(PIP) install --quiet --no-deps -c requirements/constraints-cpu.txt -r requirements/bench-peers.txt
 
+# On a machine with network: the packages the GPU machine lacks, as files in wheels/ (binary wheels
+# for its Python, GPU_PYVER; DeepSpeed as its sdist). About 10 MB: small enough to carry.
+GPU_PYVER ?= 3.12
+gpu-wheels:
+	mkdir -p wheels
+	grep -v '^deepspeed' requirements/gpu-extra.txt | $(PYTHON) -m pip download --quiet --no-deps \
+		--only-binary=:all: --python-version $(GPU_PYVER) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d wheels -r /dev/stdin
+	grep '^deepspeed' requirements/gpu-extra.txt | $(PYTHON) -m pip download --quiet --no-deps \
+		--no-binary=:all: -d wheels -r /dev/stdin
+	du -sh wheels
+
 # On a GPU machine: its own torch/triton/transformers (no CPU venv), the missing packages from
 # wheels/ if that folder exists (see README "Running on a GPU"), then every GPU check (<= 8 min).
 GPU_PYTHON ?= python3
 gpu-check:
-	if [ -d wheels ]; then DS_BUILD_OPS=0 $(GPU_PYTHON) -m pip install --quiet --no-index \
-		--find-links wheels --no-deps --no-build-isolation -r requirements/gpu-extra.txt; fi
-	$(GPU_PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
-	$(GPU_PYTHON) bench/gpu_check.py
+	GPU_PYTHON=$(GPU_PYTHON) bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

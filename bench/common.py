@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import platform
 import shutil
 import socket
@@ -28,7 +29,10 @@ T = TypeVar("T")
 
 
 def git_sha() -> str:
-    """The short commit SHA, with ``+dirty`` when tracked files differ from it."""
+    """The short commit SHA, with ``+dirty`` when tracked files differ from it; where the tree is
+    no git checkout (a copy sent to a GPU machine), ``$RDCORE_GIT_SHA`` if set."""
+    if os.environ.get("RDCORE_GIT_SHA"):
+        return os.environ["RDCORE_GIT_SHA"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, check=True).stdout.strip()

