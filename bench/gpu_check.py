@@ -58,9 +58,10 @@ class Options:
     out: str = str(OUT)
     """Where the rows go (each appended as soon as its step ends)."""
     deadline_s: float = 0.0
-    """Start no step after this many seconds (it gets a row saying it was skipped); 0: no
-    deadline. ``bench/gpu_check.sh`` uses 480, so that a device lease's time limit never cuts a
-    step off unrecorded."""
+    """Start no step after this many seconds (it gets a row saying it was skipped) and stop a
+    running one there (its row says it timed out); 0: no deadline. ``bench/gpu_check.sh`` gives
+    what is left of its own budget, so that a device lease's time limit never cuts a step off
+    unrecorded."""
     step: str = ""
     """Internal: run one in-process step and print its result as JSON."""
 
@@ -167,12 +168,16 @@ IN_PROCESS = {"env": step_env, "module": step_module, "prefix_attention": step_p
 # --------------------------------------------------------------------------------------------------
 # The driver
 # --------------------------------------------------------------------------------------------------
-def run_child(cmd: list[str], timeout: int, env: dict | None = None) -> tuple[bool, str]:
+def run_child(cmd: list[str], timeout: float, env: dict | None = None,
+              deadline: float | None = None) -> tuple[bool, str]:
+    """Run ``cmd`` for at most ``timeout`` seconds, and not past the monotonic time ``deadline``."""
+    if deadline is not None:
+        timeout = max(1.0, min(timeout, deadline - time.monotonic()))
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                               env=env)
     except subprocess.TimeoutExpired:
-        return False, f"timed out after {timeout}s"
+        return False, f"timed out after {timeout:.0f}s"
     return proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
 
@@ -182,16 +187,16 @@ RULEBOOK_FLAGS = ["--task", "rulebook", "--rule", "french", "--shots", "8", "--r
 """``train_rulebook``: ``make demo``'s flags, shortened (with ``--max_steps 4`` per stage)."""
 
 
-def run_step(name: str, runs: Path) -> dict:
+def run_step(name: str, runs: Path, deadline: float | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if name in IN_PROCESS:
-        ok, text = run_child([sys.executable, __file__, "--step", name], 300, env)
+        ok, text = run_child([sys.executable, __file__, "--step", name], 300, env, deadline)
         line = [x for x in text.splitlines() if x.startswith("RESULT ")]
         result = json.loads(line[-1][7:]) if line else {"log": text}
         return {"ok": ok and result.get("ok", True), **result}
     if name == "kernel_tests":
         ok, text = run_child([sys.executable, "-m", "pytest", "-q", "-x", "tests/ops",
-                              "-k", "not gpu_compile", "-p", "no:cacheprovider"], 300, env)
+                              "-k", "not gpu_compile", "-p", "no:cacheprovider"], 300, env, deadline)
         return {"ok": ok, "summary": text.strip().splitlines()[-1] if text.strip() else ""}
     if name in ("train_tiny", "train_smollm2", "train_rulebook"):
         import importlib.util
@@ -206,7 +211,7 @@ def run_step(name: str, runs: Path) -> dict:
                "--ds_config", "ds_configs/zero3_bf16_gpu.json", "--output_dir", str(out),
                "--overwrite", "on", "--tensorboard", "off"]
         cmd += RULEBOOK_FLAGS if name == "train_rulebook" else ["--save_model", "off"]
-        ok, text = run_child(cmd, 240, env)
+        ok, text = run_child(cmd, 240, env, deadline)
         rows = []
         if (out / "metrics.jsonl").is_file():
             rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -227,7 +232,7 @@ def run_step(name: str, runs: Path) -> dict:
                       ["--op", "linear_kl", "--shapes", "8192,4096,128256", "--frozen_head", "on"],
                       ["--op", "hidden_mse", "--shapes", "32,8192,4096"]):
             ok, text = run_child([sys.executable, "bench/bench_kernels.py", *extra, "--dtype",
-                                  "bf16", "--repeats", "5"], 240, env)
+                                  "bf16", "--repeats", "5"], 240, env, deadline)
             results[" ".join(extra[1::2])] = {"ok": ok, "table": text.strip().splitlines()[-12:]}
         return {"ok": all(r["ok"] for r in results.values()), **results}
     raise SystemExit(f"unknown step {name!r}; choose from {STEPS}")
@@ -243,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--only: unknown step(s) {', '.join(unknown)}; choose from {STEPS}")
     runs = ROOT / "runs" / "gpu_check"
+    deadline = time.monotonic() + opt.deadline_s if opt.deadline_s else None
     env_row = run_step("env", runs)
     rows, t_start = [], time.perf_counter()
     for name in steps:
@@ -250,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         if opt.deadline_s and t0 - t_start > opt.deadline_s:
             result = {"ok": None, "skipped": f"deadline: {opt.deadline_s:.0f} s passed"}
         else:
-            result = env_row if name == "env" else run_step(name, runs)
+            result = env_row if name == "env" else run_step(name, runs, deadline)
         row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": name,
                "seconds": round(time.perf_counter() - t0, 1), **result,
                **{f"env_{k}": v for k, v in env_row.items() if k != "ok"}}
