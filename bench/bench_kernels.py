@@ -121,16 +121,20 @@ def _peak_rss_bytes() -> int:
     return peak
 
 
-def linear_kl_traffic(N: int, H: int, V: int, itemsize: int, C: int, frozen: bool) -> int:
+def linear_kl_traffic(N: int, H: int, V: int, itemsize: int, C: int, frozen: bool,
+                      shared: bool = True) -> int:
     """Bytes rdcore's Triton path moves through device memory (a model of its design, per chunk
-    of C rows): the two logit GEMMs read x̃, x and W twice and write two fp32 [C, V] buffers; the
-    row kernel reads both twice and writes g (in the input dtype unless fp32); dX reads g and W
-    and writes dX; dW reads g and x and reads and writes the fp32 dW (written only, by the first
-    chunk)."""
+    of C rows; the same whether its GEMMs are cuBLAS's or its own): the logits GEMM reads x̃, x
+    and W — once over [x̃; x] for a shared head (the concatenation written and read), twice
+    otherwise — and writes the fp32 [2C, V] buffer; the row kernel reads both halves twice and
+    writes g (in the input dtype unless fp32); dX reads g and W and writes dX; dW reads g and x
+    and reads and writes the fp32 dW (written only, by the first chunk)."""
     total, first = 0, True
     for c0 in range(0, N, C):
         rows = min(C, N - c0)
-        total += 2 * rows * H * itemsize + 2 * V * H * itemsize + 2 * rows * V * 4
+        x_bytes = 2 * rows * H * itemsize
+        total += (3 * x_bytes if shared else x_bytes) + (1 if shared else 2) * V * H * itemsize
+        total += 2 * rows * V * 4
         total += 4 * rows * V * 4 + rows * V * (4 if itemsize == 4 else itemsize)
         total += rows * V * itemsize + V * H * itemsize + rows * H * itemsize
         if not frozen:

@@ -11,13 +11,19 @@ Shape letters: N rows, H student hidden size, Ht teacher hidden size, V vocabula
 Algorithm (gradient in the forward pass): rows go C at a time (:func:`triton_chunk_rows`); only
 [C, V] buffers exist, never [N, V]. Per chunk
 
-1. ``_matmul_kernel``: teacher and student logits (``u``, or ``z`` directly when there is no softcap:
-   the scale and 1/T are folded into the epilogue, with the bias) into fp32 [C, V] buffers, straight
-   from the fp32 dot accumulator;
+1. GEMM: teacher and student logits (``u``, or ``z`` directly when there is no softcap: the scale
+   and 1/T are folded into the epilogue, with the bias) into fp32 [C, V] buffers, straight from the
+   fp32 accumulator — one GEMM over ``[x̃; x]`` into one [2C, V] buffer when the head is shared;
 2. ``_kl_rows_kernel``: per row, online log-sum-exp over V of both, then ℓ_n and g (written over the
    student logits, or into a [C, V] buffer of the input dtype for low-precision GEMM operands);
-3. ``_matmul_kernel``: dx = g·W and dW (+)= gᵀ·x into an fp32 accumulator (the first chunk writes
-   it: no zero-fill); db = Σ_n g by a column sum.
+3. GEMM: dx = g·W and dW (+)= gᵀ·x into an fp32 accumulator (the first chunk writes it: no
+   zero-fill); db = Σ_n g by a column sum.
+
+The GEMMs (:func:`_gemm`): for bf16/fp16 operands on CUDA, the vendor library (cuBLAS through
+``torch.addmm`` with ``out_dtype=torch.float32``: bf16 tensor-core products written as fp32, the
+scale, bias and accumulation in its epilogue), where this torch supports it — checked once per
+device and dtype on a small product (:func:`library_gemm_works`); otherwise ``_matmul_kernel``
+(fp32 IEEE dots, the CPU interpreter, a torch without ``out_dtype``).
 
 Pointer offsets are int32 unless an operand spans 2³¹ elements or more (``INT64``: e.g. a 262144
 vocabulary with H > 8192), so the common case keeps the cheaper address arithmetic and the large
@@ -30,6 +36,9 @@ values are converted to fp32 before any arithmetic (the interpreter computes wro
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Literal
 
 import torch
 import triton
@@ -221,6 +230,65 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha: float =
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
 
 
+LIBRARY_GEMM: Literal["auto", "always", "never"] = "auto"
+"""Which GEMM :func:`_gemm` uses: "auto" — the library's for bf16/fp16 operands on CUDA where it
+works (:func:`library_gemm_works`), ``_matmul_kernel`` otherwise; "always" / "never" force one
+(tests: "always" runs the library calls on the CPU with fp32 operands)."""
+
+
+def _library_addmm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float,
+                   bias: torch.Tensor | None, accumulate: bool) -> None:
+    """c (+)= alpha·(a @ b + bias) by ``torch.addmm`` into ``c`` (fp32 output from low-precision
+    operands through ``out_dtype``); scale, bias and accumulation in the GEMM's epilogue."""
+    kw = {} if a.dtype == c.dtype else {"out_dtype": c.dtype}
+    if accumulate:  # c = c + alpha·(a@b)
+        torch.addmm(c, a, b, beta=1.0, alpha=alpha, out=c, **kw)
+    elif bias is not None:  # c = alpha·bias + alpha·(a@b)
+        torch.addmm(bias.to(c.dtype), a, b, beta=alpha, alpha=alpha, out=c, **kw)
+    else:  # beta 0: c's old contents are ignored
+        torch.addmm(c, a, b, beta=0.0, alpha=alpha, out=c, **kw)
+
+
+@functools.cache
+def library_gemm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`_library_addmm`'s three forms give fp32 results from ``dtype`` operands on
+    ``device`` (``out_dtype`` needs a torch that has it, on CUDA): tried once on a small product
+    against the fp32 one; any error or a wrong result means no."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(48, 80, device=device, generator=g).to(dtype)
+    b = torch.randn(96, 80, device=device, generator=g).to(dtype).T  # as Wᵀ: column-major
+    bias = torch.randn(96, device=device, generator=g).to(dtype)
+    a_t = torch.randn(80, 48, device=device, generator=g).to(dtype).T  # as gᵀ in the dW update
+    want, want_t = a.float() @ b.float(), a_t.float() @ b.float()
+
+    def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+        return bool(torch.allclose(got, expected, rtol=1e-3, atol=1e-3))
+
+    try:
+        c = torch.full((48, 96), float("nan"), device=device)
+        _library_addmm(a, b, c, 0.5, None, False)  # logits / dX: NaN in c must not survive
+        ok = close(c, 0.5 * want)
+        _library_addmm(a, b, c, 0.5, bias, False)  # logits with a bias
+        ok = ok and close(c, 0.5 * (want + bias.float()))
+        _library_addmm(a_t, b, c, 1.0, None, True)  # dW += gᵀ·x
+        return ok and close(c, 0.5 * (want + bias.float()) + want_t)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha: float = 1.0,
+          bias: torch.Tensor | None = None, accumulate: bool = False) -> None:
+    """c (+)= alpha·(a @ b + bias): the library's GEMM or ``_matmul_kernel`` (see
+    :data:`LIBRARY_GEMM`)."""
+    if LIBRARY_GEMM == "always" or (
+            LIBRARY_GEMM == "auto" and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16)
+            and library_gemm_works(a.device, a.dtype)):
+        if a.shape[0] and b.shape[1]:
+            _library_addmm(a, b, c, alpha, bias, accumulate)
+    else:
+        _matmul(a, b, c, alpha=alpha, bias=bias, accumulate=accumulate)
+
+
 def rows_config(V: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps) of the row kernel."""
     block_v = min(1024 if interpreting() else 4096, triton.next_power_of_2(V))
@@ -249,11 +317,12 @@ def _triton_pass(prob: KLProblem, row_w_N: torch.Tensor, want_dx: bool, want_dw:
     V = w_VH.shape[0]
     C = min(chunk, max(N, 1)) if chunk else triton_chunk_rows(N, V, x_NH.dtype)
     dev = x_NH.device
+    # the same head for both sides: one GEMM over [x̃; x] into one [2C, V] buffer per chunk
+    shared = wt_VHt is w_VH and bt_V is b_V and xt_NHt.dtype == x_NH.dtype
     loss_N = torch.empty(N, device=dev, dtype=torch.float32)
-    s_CV = torch.empty((min(C, N), V), device=dev, dtype=torch.float32)
-    t_CV = torch.empty((min(C, N), V), device=dev, dtype=torch.float32)
-    g_CV = s_CV if x_NH.dtype == torch.float32 else torch.empty((min(C, N), V), device=dev,
-                                                                dtype=x_NH.dtype)
+    z_2CV = torch.empty((2 * min(C, N), V), device=dev, dtype=torch.float32)
+    g_CV = None if x_NH.dtype == torch.float32 else torch.empty((min(C, N), V), device=dev,
+                                                                 dtype=x_NH.dtype)
     dx_NH = torch.empty_like(x_NH) if want_dx else None
     dw_VH = torch.empty((V, H), device=dev, dtype=torch.float32) if want_dw else None
     db_V = torch.zeros(V, device=dev, dtype=torch.float32) if want_db else None
@@ -263,23 +332,29 @@ def _triton_pass(prob: KLProblem, row_w_N: torch.Tensor, want_dx: bool, want_dw:
     for c0 in range(0, N, C):
         rows = min(C, N - c0)
         x_CH = x_NH[c0:c0 + rows]
-        _matmul(xt_NHt[c0:c0 + rows], wt_VHt.T, t_CV[:rows], alpha=alpha, bias=bt_V)
-        _matmul(x_CH, w_VH.T, s_CV[:rows], alpha=alpha, bias=b_V)
+        t_CV, s_CV = z_2CV[:rows], z_2CV[rows:2 * rows]
+        if shared:
+            _gemm(torch.cat([xt_NHt[c0:c0 + rows], x_CH]), w_VH.T, z_2CV[:2 * rows], alpha=alpha,
+                  bias=b_V)
+        else:
+            _gemm(xt_NHt[c0:c0 + rows], wt_VHt.T, t_CV, alpha=alpha, bias=bt_V)
+            _gemm(x_CH, w_VH.T, s_CV, alpha=alpha, bias=b_V)
+        g_rows = s_CV if g_CV is None else g_CV[:rows]  # g over the student logits when fp32
         launch(_kl_rows_kernel, (rows,),
-               s_CV, t_CV, g_CV, loss_N[c0:], row_w_N[c0:],
-               V, s_CV.stride(0), t_CV.stride(0), g_CV.stride(0),
+               s_CV, t_CV, g_rows, loss_N[c0:], row_w_N[c0:],
+               V, s_CV.stride(0), t_CV.stride(0), g_rows.stride(0),
                spec.softcap or 1.0, 1.0 / spec.temperature, spec.temperature**2,
                spec.temperature * spec.scale,
                SOFTCAP=not spec.plain, WRITE_GRAD=want_grad, BLOCK_V=block_v, num_warps=warps)
         if not want_grad:
             continue
-        g = g_CV[:rows] if g_CV.dtype == w_VH.dtype else g_CV[:rows].to(w_VH.dtype)
+        g = g_rows if g_rows.dtype == w_VH.dtype else g_rows.to(w_VH.dtype)
         if want_dx:
-            _matmul(g, w_VH, dx_NH[c0:c0 + rows])
+            _gemm(g, w_VH, dx_NH[c0:c0 + rows])
         if want_dw:  # the first chunk writes dW, the others add to it
-            _matmul(g.T, x_CH, dw_VH, accumulate=c0 > 0)
+            _gemm(g.T, x_CH, dw_VH, accumulate=c0 > 0)
         if want_db:
-            db_V += g_CV[:rows].float().sum(0)
+            db_V += g_rows.float().sum(0)
     if want_dw and N == 0:
         dw_VH.zero_()
     return KLGrads(loss_N, dx_NH, dw_VH, db_V)

@@ -250,3 +250,85 @@ def test_the_same_head_passed_again_takes_the_shared_path(monkeypatch):
     calls.clear()  # a different head (other memory, equal values) is not taken for the same one
     fused_linear_kl(x, xt, w, w.detach().clone(), impl="torch", chunk_rows=8)
     assert calls == [8, 8, 8, 8, 4, 4]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("head", ["shared", "separate"])
+def test_library_gemm_path_against_fp64_truth(monkeypatch, head, reduction):
+    """The Triton pass with every GEMM through the library (``torch.addmm``: on CUDA, cuBLAS with
+    an fp32 output for bf16/fp16; forced here with fp32 operands so the CPU runs it): the scale,
+    bias and softcap in its epilogue, the first chunk's dW written and the others added, one GEMM
+    over [x̃; x] for a shared head — against the fp64 truth, several chunks, grad_output ≠ 1."""
+    from rdcore.kernels import linear_kl_triton as lkt
+
+    calls = {"library": 0, "triton": 0}
+    real_lib, real_triton = lkt._library_addmm, lkt._matmul
+    monkeypatch.setattr(lkt, "LIBRARY_GEMM", "always")
+    monkeypatch.setattr(lkt, "_library_addmm", lambda *a: calls.__setitem__(
+        "library", calls["library"] + 1) or real_lib(*a))
+    monkeypatch.setattr(lkt, "_matmul", lambda *a, **k: calls.__setitem__(
+        "triton", calls["triton"] + 1) or real_triton(*a, **k))
+    x, xt, w, wt = make(N=23, H=24, V=301, scale=2.0, separate=head == "separate")
+    bias = torch.randn(301, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    N = x.shape[0]
+    mask = torch.rand(N, generator=torch.Generator().manual_seed(4)) > 0.3
+    grad_out = torch.rand(N, dtype=torch.float64) if reduction == "none" else torch.tensor(0.6)
+    kw = dict(mask=mask, temperature=1.3, logit_scale=0.8, softcap=3.0, reduction=reduction)
+    if head == "shared":
+        kw["bias"] = bias
+    truth = run(linear_kl_reference, x, xt, w, wt, torch.float64, grad_out, **kw)
+    same = run(linear_kl_reference, x, xt, w, wt, torch.float32, grad_out, **kw)
+    ours = run(lambda *a, **k: fused_linear_kl(*a, impl="triton", chunk_rows=10, **k), x, xt, w,
+               wt, torch.float32, grad_out, **kw)
+    for name, o, t, p in zip(("value", "dx", "dw"), ours, truth, same):
+        assert err(o, t) <= err(p, t) + TOL[torch.float32], (name, err(o, t), err(p, t))
+    # 3 chunks (10, 10, 3 rows); per chunk 1 logits GEMM if shared, else 2; then dX and dW
+    passes = 2 if reduction == "none" else 1  # "none": a losses-only pass, then the gradients
+    logits = 1 if head == "shared" else 2
+    assert calls == {"library": 3 * logits * passes + 3 * 2, "triton": 0}
+
+
+def test_library_gemm_check_refuses_a_wrong_or_failing_product(monkeypatch):
+    """``library_gemm_works`` says yes only when all three forms give the fp32 product: a library
+    that rounds, ignores the accumulation or raises is not used."""
+    from rdcore.kernels import linear_kl_triton as lkt
+
+    cpu = torch.device("cpu")
+    real = lkt._library_addmm
+
+    def rounded(a, b, c, alpha, bias, accumulate):  # the product rounded through bf16
+        real(a, b, c, alpha, bias, accumulate)
+        c.copy_(c.bfloat16().float())
+
+    def no_accumulation(a, b, c, alpha, bias, accumulate):
+        real(a, b, c, alpha, bias, False)
+
+    def raising(*_):
+        raise RuntimeError("out_dtype is not supported on this device")
+
+    try:
+        for fake, expected in ((real, True), (rounded, False), (no_accumulation, False),
+                               (raising, False)):
+            lkt.library_gemm_works.cache_clear()
+            monkeypatch.setattr(lkt, "_library_addmm", fake)
+            assert lkt.library_gemm_works(cpu, torch.float32) is expected, fake
+    finally:
+        lkt.library_gemm_works.cache_clear()
+
+
+def test_the_triton_pass_makes_one_logits_gemm_for_a_shared_head(monkeypatch):
+    """A shared head (``teacher_weight=None`` or the same tensor again): one logits GEMM over
+    [x̃; x] per chunk (2·rows rows) into one buffer; a separate head: two."""
+    from rdcore.kernels import linear_kl_triton as lkt
+
+    rows = []
+    real = lkt._gemm
+    monkeypatch.setattr(lkt, "_gemm", lambda a, b, c, **k: rows.append(
+        (a.shape[0], b.shape[1])) or real(a, b, c, **k))
+    x, xt, w, _ = make(N=12, H=8, V=130)
+    x, xt, w = x.float().to(DEVICE), xt.float().to(DEVICE), w.float().to(DEVICE)
+    fused_linear_kl(x, xt, w, w, impl="triton", chunk_rows=8)  # no gradient wanted
+    assert rows == [(16, 130), (8, 130)]
+    rows.clear()
+    fused_linear_kl(x, xt, w, w.clone(), impl="triton", chunk_rows=8)
+    assert rows == [(8, 130), (8, 130), (4, 130), (4, 130)]
