@@ -228,8 +228,12 @@ def run_step(name: str, runs: Path, deadline: float | None = None) -> dict:
         return {**result, **({} if ok else {"log": text})}
     if name == "bench_kernels":
         results = {}
-        for extra in (["--op", "linear_kl", "--shapes", "8192,4096,128256"],
-                      ["--op", "linear_kl", "--shapes", "8192,4096,128256", "--frozen_head", "on"],
+        # rdcore's Triton path against every Liger provider (its best one is the target's peer),
+        # the naive version and, with a trainable head only, the chunked PyTorch path
+        for extra in (["--op", "linear_kl", "--shapes", "8192,4096,128256", "--providers",
+                       "triton,liger,liger_triton,liger_eager,naive,torch"],
+                      ["--op", "linear_kl", "--shapes", "8192,4096,128256", "--frozen_head", "on",
+                       "--providers", "triton,liger,liger_triton,naive"],
                       ["--op", "hidden_mse", "--shapes", "32,8192,4096"]):
             ok, text = run_child([sys.executable, "bench/bench_kernels.py", *extra, "--dtype",
                                   "bf16", "--repeats", "5"], 240, env, deadline)
