@@ -7,7 +7,8 @@ chat template: Alpaca only) — and each answer is judged by its row's judge.
     python bench/rulebook_probe.py --models tiny --limit 4  # a quick look
 
 Writes ``<out>/<model>/<placement>/<rule or no_rule_<rule>>/{eval.json,generations.jsonl}``,
-``<out>/results.csv`` (one row per model, placement, rule, side) and ``<out>/table.md``: per
+``<out>/results.csv`` (one row per model, placement, rule, side; rows of models or placements
+not probed this time are kept) and ``<out>/table.md``: per
 model, the no-rule and with-rule rates per placement (95 % Wilson intervals), and which rules pass
 the main table's bar (with-rule ≥ 2 × no-rule and ≥ 0.3, in the best placement). An evaluation
 already written is read, not generated again.
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{name:14} {placement:12} {rule:12} {side:8} {m['rate']:.3f} "
                           f"[{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}] n={m['n']}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
+    rows = _earlier_rows(out / "results.csv", rows) + rows
     with (out / "results.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
@@ -110,6 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     (out / "table.md").write_text(table(rows))
     print(table(rows))
     return 0
+
+
+def _earlier_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """The rows of ``path`` for (model, placement) pairs this invocation did not evaluate: probing
+    one more model or placement keeps the others' rows and table."""
+    if not path.is_file():
+        return []
+    mine = {(r["model"], r["placement"]) for r in rows}
+    kept = [r for r in csv.DictReader(path.open()) if (r["model"], r["placement"]) not in mine]
+    for r in kept:
+        for key in ("rate", "ci_low", "ci_high", "generation_s"):
+            r[key] = float(r[key])
+        r["n"] = int(r["n"])
+    return kept
 
 
 def table(rows: list[dict]) -> str:
