@@ -14,7 +14,8 @@ each cell's model is the epoch with the lowest validation CE (``--select_best of
 
 Results: ``<out>/results.csv`` (one row per cell and metric), ``<out>/table.md`` (mean ± std over
 seeds, per method and k; then each method minus ``inst_tune_no_rule`` on the main metric, paired
-over the same test rows, with the standard error over test rows) and ``<out>/<metric>.png``
+over the same test rows, with the standard error over test rows and, with several seeds, the
+standard error over the seeds' own differences) and ``<out>/<metric>.png``
 (metric against k per method).
 """
 
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from common import ROOT, free_port
 
-from rdcore.stats import paired_difference
+from rdcore.stats import paired_difference, seed_difference
 
 METHODS = ("inst_tune_no_rule", "inst_tune_rule", "rule_distill_base", "rule_distill_enhanced")
 MAIN_METRIC = {"math": "exact_match", "jailbreak": "refusal_rate", "bob": "adherence",
@@ -158,16 +159,21 @@ def difference_lines(out: Path, task: str, rows: list[dict]) -> list[str]:
                     continue
                 diff, se, n = paired_difference(a, b)
                 metric = next(iter(b[0].values()))[0]
-                plural = "s" * (len(seeds) != 1)
                 se_text = f"{se:.3f}" if se == se else "n/a"  # a group with one row: no SE
-                entries.append(f"{diff:+.3f} ± {se_text} ({len(seeds)} seed{plural}, {n} rows)")
+                if len(seeds) == 1:
+                    entries.append(f"{diff:+.3f} ± {se_text} (1 seed, {n} rows)")
+                    continue
+                se_seeds = seed_difference(a, b)[1]
+                entries.append(f"{diff:+.3f} ± {se_text} rows, ± {se_seeds:.3f} seeds "
+                               f"({len(seeds)} seeds, {n} rows)")
             if all(e == "—" for e in entries):
                 continue  # no paired inst_tune_no_rule cell (e.g. a swap-test-only sweep)
             label = method + (SWAPPED if side == "teacher_swapped" else "")
             table.append(f"| {label} | " + " | ".join(entries) + " |")
         if table:
             lines += [f"\n## {split} — {metric}: difference from {ref} (paired over test rows, "
-                      "± SE over rows)\n",
+                      "± SE over rows; with several seeds also ± SE over the seeds' own "
+                      "differences)\n",
                       "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
                       "|---|" + "---|" * len(ks), *table]
     return lines

@@ -29,6 +29,19 @@ def paired_difference(method_SR: list[dict[int, tuple[str, str, float]]],
     return diff, var ** 0.5 / len(groups), len(rows)
 
 
+def seed_difference(method_SR: list[dict[int, tuple[str, str, float]]],
+                    ref_SR: list[dict[int, tuple[str, str, float]]]) -> tuple[float, float, int]:
+    """The same difference seed by seed: method and reference of seed s paired over their rows
+    (:func:`paired_difference` with one seed each), then the mean over the S seeds and its standard
+    error over seeds, stdev/√S — the spread of retraining, which the SE over test rows does not
+    show (NaN below two seeds). Returns (difference, SE over seeds, S)."""
+    diffs = [paired_difference([m], [r])[0] for m, r in zip(method_SR, ref_SR, strict=True)]
+    if not diffs:
+        return float("nan"), float("nan"), 0
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return statistics.mean(diffs), se, len(diffs)
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     """The Wilson score interval of a binomial rate (95 % by default): exact at 0 and n successes
     (never [0, 0] from a sample of 5), unlike the normal approximation. ``n = 0``: (nan, nan)."""

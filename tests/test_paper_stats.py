@@ -4,7 +4,7 @@ per-row scores it reads (rdcore.evaluate.row_score), on hand-computed numbers. F
 import pytest
 
 from rdcore.evaluate import VADER_THRESHOLD, row_score
-from rdcore.stats import paired_difference
+from rdcore.stats import paired_difference, seed_difference
 
 
 def bob(values: list[float], env_rows: int) -> dict[int, tuple[str, str, float]]:
@@ -31,6 +31,18 @@ def test_only_rows_every_evaluation_has_are_paired():
     assert se == pytest.approx(2 ** 0.5 / 2 ** 0.5)  # variance 2, two rows
     one = paired_difference([{0: ("m", "all", 1.0)}], [{0: ("m", "all", 0.0)}])
     assert one[0] == 1.0 and one[1] != one[1]  # one row: no standard error (NaN), never 0
+
+
+def test_seed_difference_is_the_spread_of_the_seeds_own_differences():
+    # two seeds whose own paired differences are +0.5 and 0.0 (all rows in one group)
+    method = [{0: ("m", "all", 1.0), 1: ("m", "all", 1.0)}, {0: ("m", "all", 0.0), 1: ("m", "all", 1.0)}]
+    ref = [{0: ("m", "all", 0.0), 1: ("m", "all", 1.0)}, {0: ("m", "all", 0.0), 1: ("m", "all", 1.0)}]
+    diff, se, s = seed_difference(method, ref)
+    assert (diff, s) == (pytest.approx(0.25), 2)
+    assert se == pytest.approx(0.5 / 2 ** 0.5 / 2 ** 0.5)  # stdev(0.5, 0) / √2
+    assert diff == pytest.approx(paired_difference(method, ref)[0])  # same mean, other SE
+    one = seed_difference(method[:1], ref[:1])
+    assert one[0] == 0.5 and one[1] != one[1] and one[2] == 1  # one seed: no SE (NaN)
 
 
 def test_row_score_matches_the_documented_metrics():
