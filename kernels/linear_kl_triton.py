@@ -22,7 +22,7 @@ Algorithm (gradient in the forward pass): rows go C at a time (:func:`triton_chu
 The GEMMs (:func:`_gemm`): for bf16/fp16 operands on CUDA, the vendor library (cuBLAS through
 ``torch.addmm`` with ``out_dtype=torch.float32``: bf16 tensor-core products written as fp32, the
 scale, bias and accumulation in its epilogue), where this torch supports it — checked once per
-device and dtype on a small product (:func:`library_gemm_works`); otherwise ``_matmul_kernel``
+device, dtype and form on a small product (:func:`library_gemm_works`); otherwise ``_matmul_kernel``
 (fp32 IEEE dots, the CPU interpreter, a torch without ``out_dtype``).
 
 Pointer offsets are int32 unless an operand spans 2³¹ elements or more (``INT64``: e.g. a 262144
@@ -250,39 +250,39 @@ def _library_addmm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: flo
 
 
 @functools.cache
-def library_gemm_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether :func:`_library_addmm`'s three forms give fp32 results from ``dtype`` operands on
-    ``device`` (``out_dtype`` needs a torch that has it, on CUDA): tried once on a small product
-    against the fp32 one; any error or a wrong result means no."""
+def library_gemm_works(device: torch.device, dtype: torch.dtype,
+                       form: Literal["plain", "bias", "accumulate"]) -> bool:
+    """Whether :func:`_library_addmm`'s ``form`` (c = α·a@b; c = α·(a@b + bias); c += a@b) gives the
+    fp32 result from ``dtype`` operands on ``device`` (``out_dtype`` needs a torch that has it, on
+    CUDA): tried once on a small product, shaped as the pass uses it (Wᵀ and gᵀ are column-major
+    views), against the fp32 product; an error or a wrong result means no."""
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(48, 80, device=device, generator=g).to(dtype)
-    b = torch.randn(96, 80, device=device, generator=g).to(dtype).T  # as Wᵀ: column-major
+    if form == "accumulate":
+        a = torch.randn(80, 48, device=device, generator=g).to(dtype).T  # as gᵀ in dW += gᵀ·x
+    b = torch.randn(96, 80, device=device, generator=g).to(dtype).T  # as Wᵀ
     bias = torch.randn(96, device=device, generator=g).to(dtype)
-    a_t = torch.randn(80, 48, device=device, generator=g).to(dtype).T  # as gᵀ in the dW update
-    want, want_t = a.float() @ b.float(), a_t.float() @ b.float()
-
-    def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
-        return bool(torch.allclose(got, expected, rtol=1e-3, atol=1e-3))
-
+    start = torch.randn(48, 96, device=device, generator=g)
+    product = a.float() @ b.float()
+    want = {"plain": 0.5 * product, "bias": 0.5 * (product + bias.float()),
+            "accumulate": start + product}[form]
+    c = start.clone() if form == "accumulate" else torch.full_like(start, float("nan"))
     try:
-        c = torch.full((48, 96), float("nan"), device=device)
-        _library_addmm(a, b, c, 0.5, None, False)  # logits / dX: NaN in c must not survive
-        ok = close(c, 0.5 * want)
-        _library_addmm(a, b, c, 0.5, bias, False)  # logits with a bias
-        ok = ok and close(c, 0.5 * (want + bias.float()))
-        _library_addmm(a_t, b, c, 1.0, None, True)  # dW += gᵀ·x
-        return ok and close(c, 0.5 * (want + bias.float()) + want_t)
+        _library_addmm(a, b, c, 1.0 if form == "accumulate" else 0.5,
+                       bias if form == "bias" else None, form == "accumulate")
     except (RuntimeError, TypeError, NotImplementedError):
         return False
+    return bool(torch.allclose(c, want, rtol=1e-3, atol=1e-3))  # NaN in c must not survive
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha: float = 1.0,
           bias: torch.Tensor | None = None, accumulate: bool = False) -> None:
     """c (+)= alpha·(a @ b + bias): the library's GEMM or ``_matmul_kernel`` (see
     :data:`LIBRARY_GEMM`)."""
+    form = "accumulate" if accumulate else "plain" if bias is None else "bias"
     if LIBRARY_GEMM == "always" or (
             LIBRARY_GEMM == "auto" and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16)
-            and library_gemm_works(a.device, a.dtype)):
+            and library_gemm_works(a.device, a.dtype, form)):
         if a.shape[0] and b.shape[1]:
             _library_addmm(a, b, c, alpha, bias, accumulate)
     else:

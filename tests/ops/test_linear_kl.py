@@ -289,8 +289,8 @@ def test_library_gemm_path_against_fp64_truth(monkeypatch, head, reduction):
 
 
 def test_library_gemm_check_refuses_a_wrong_or_failing_product(monkeypatch):
-    """``library_gemm_works`` says yes only when all three forms give the fp32 product: a library
-    that rounds, ignores the accumulation or raises is not used."""
+    """``library_gemm_works`` says yes for a form only when it gives the fp32 product: a library
+    that rounds, ignores the accumulation, drops the bias or raises is not used for that form."""
     from rdcore.kernels import linear_kl_triton as lkt
 
     cpu = torch.device("cpu")
@@ -303,15 +303,21 @@ def test_library_gemm_check_refuses_a_wrong_or_failing_product(monkeypatch):
     def no_accumulation(a, b, c, alpha, bias, accumulate):
         real(a, b, c, alpha, bias, False)
 
+    def no_bias(a, b, c, alpha, bias, accumulate):
+        real(a, b, c, alpha, None, accumulate)
+
     def raising(*_):
         raise RuntimeError("out_dtype is not supported on this device")
 
+    forms = ("plain", "bias", "accumulate")
     try:
-        for fake, expected in ((real, True), (rounded, False), (no_accumulation, False),
-                               (raising, False)):
+        for fake, expected in ((real, (True, True, True)), (rounded, (False, False, False)),
+                               (no_accumulation, (True, True, False)),
+                               (no_bias, (True, False, True)), (raising, (False, False, False))):
             lkt.library_gemm_works.cache_clear()
             monkeypatch.setattr(lkt, "_library_addmm", fake)
-            assert lkt.library_gemm_works(cpu, torch.float32) is expected, fake
+            got = tuple(lkt.library_gemm_works(cpu, torch.float32, f) for f in forms)
+            assert got == expected, fake.__name__
     finally:
         lkt.library_gemm_works.cache_clear()
 
