@@ -48,3 +48,26 @@ def test_sweep_is_resumable(tmp_path):
     assert third.returncode == 0 and "training" not in third.stdout
     after = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert sorted(map(str, after)) == sorted(map(str, rows))
+
+
+def test_report_gives_the_seeds_own_spread(tmp_path):
+    """With several seeds the difference table gives both standard errors: over the test rows and
+    over the seeds' own paired differences (here +0.50 and 0.00: mean 0.25, SE 0.25). From a sweep
+    folder written by hand (--report-only trains nothing)."""
+    scores = {("inst_tune_no_rule", 1): [0, 0, 1, 1], ("inst_tune_no_rule", 2): [0, 1, 1, 0],
+              ("rule_distill_enhanced", 1): [1, 1, 1, 1], ("rule_distill_enhanced", 2): [0, 1, 1, 0]}
+    rows = ["method,k,seed,split,side,metric,value,n"]
+    for (method, seed), values in scores.items():
+        folder = tmp_path / "cells" / f"{method}_k16_s{seed}" / "eval" / "french_test_student"
+        folder.mkdir(parents=True)
+        (folder / "generations.jsonl").write_text("".join(
+            json.dumps({"index": i, "score": v}) + "\n" for i, v in enumerate(values)))
+        rows.append(f"{method},16,{seed},french_test,student,rate,{sum(values) / 4},4")
+    (tmp_path / "results.csv").write_text("\n".join(rows) + "\n")
+    cmd = [sys.executable, "bench/paper_table.py", "--out", str(tmp_path), "--task", "rulebook",
+           "--report-only"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    table = (tmp_path / "table.md").read_text()
+    assert "| rule_distill_enhanced | +0.250 ± " in table
+    assert " rows, ± 0.250 seeds (2 seeds, 4 rows) |" in table
