@@ -16,10 +16,12 @@ export TOKENIZERS_PARALLELISM := false
 DEMO_OUT   ?= runs/demo
 # The embedded default: SmolLM2-135M learns the rule book's clearest rule ("Always answer in
 # French.") from 16 inputs whose answers the teacher (the model with the rule) writes, by
-# Rule-Distill-Base with LoRA, and ends with the held-out before / teacher / after table. Resumed when
-# run again, so a second `make demo` is harmless.
+# Rule-Distill-Enhanced with LoRA (stage 1 tunes the teacher with the rule, then the rule-free student
+# is distilled from it), and ends with the held-out before / teacher / after table. Resumed when run
+# again, so a second `make demo` is harmless.
 DEMO_FLAGS ?= --task rulebook --rule french --shots 16 --responses teacher --response_tokens 48 \
-	--method rule_distill_base --epochs 3 --lr 1e-3 --report 16 --output_dir $(DEMO_OUT) --resume on
+	--method rule_distill_enhanced --epochs 3 --lr 1e-3 --report 16 --output_dir $(DEMO_OUT) \
+	--resume on
 
 .PHONY: setup demo test lint bench bench-peers gpu-wheels gpu-check clean
 
