@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, t_start = [], time.perf_counter()
     for name in steps:
         t0 = time.perf_counter()
-        if opt.deadline_s and t0 - t_start > opt.deadline_s:
+        if deadline is not None and time.monotonic() > deadline:
             result = {"ok": None, "skipped": f"deadline: {opt.deadline_s:.0f} s passed"}
         else:
             result = env_row if name == "env" else run_step(name, runs, deadline)

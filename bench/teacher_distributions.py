@@ -100,13 +100,13 @@ def main(argv: list[str] | None = None) -> int:
              ("stage 1 + rule (Enhanced's teacher)", stage1,
               _examples(enh, "responses_distill_train.jsonl", cfg),
               {"untrained": untrained, "Enhanced student": load_model(str(enh / "final"))[0]})]
-    rows = []
+    rows, sha = [], git_sha()
     print("| teacher | student | n | teacher top-1 p, 1st token | teacher entropy, 1st / mean "
           "| KL(t‖s) 1st token | KL(t‖s) mean | student top-1 p, 1st | same argmax, 1st |")
     print("|---|---|---|---|---|---|---|---|---|")
     for tname, teacher, examples, students in cases:
         for sname, m in measure(teacher, students, examples, enc).items():
-            rows.append({"git": git_sha(), "rule": cfg["rule"], "shots": cfg["shots"],
+            rows.append({"git": sha, "rule": cfg["rule"], "shots": cfg["shots"],
                          "seed": cfg["seed"], "teacher": tname, "student": sname,
                          "n": len(examples), **m})
             print(f"| {tname} | {sname} | {len(examples)} | {m['teacher_top1_first']:.3f} | "

@@ -22,8 +22,8 @@ Algorithm (gradient in the forward pass): rows go C at a time (:func:`triton_chu
 The GEMMs (:func:`_gemm`): for bf16/fp16 operands on CUDA, the vendor library (cuBLAS through
 ``torch.addmm`` with ``out_dtype=torch.float32``: bf16 tensor-core products written as fp32, the
 scale, bias and accumulation in its epilogue), where this torch supports it — checked once per
-device, dtype and form on a small product (:func:`library_gemm_works`); otherwise ``_matmul_kernel``
-(fp32 IEEE dots, the CPU interpreter, a torch without ``out_dtype``).
+device, operand and output dtype and form on a small product (:func:`library_gemm_works`);
+otherwise ``_matmul_kernel`` (fp32 IEEE dots, the CPU interpreter, a torch without ``out_dtype``).
 
 Pointer offsets are int32 unless an operand spans 2³¹ elements or more (``INT64``: e.g. a 262144
 vocabulary with H > 8192), so the common case keeps the cheaper address arithmetic and the large
@@ -250,29 +250,31 @@ def _library_addmm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: flo
 
 
 @functools.cache
-def library_gemm_works(device: torch.device, dtype: torch.dtype,
+def library_gemm_works(device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype,
                        form: Literal["plain", "bias", "accumulate"]) -> bool:
     """Whether :func:`_library_addmm`'s ``form`` (c = α·a@b; c = α·(a@b + bias); c += a@b) gives the
-    fp32 result from ``dtype`` operands on ``device`` (``out_dtype`` needs a torch that has it, on
-    CUDA): tried once on a small product, shaped as the pass uses it (Wᵀ and gᵀ are column-major
-    views), against the fp32 product; an error or a wrong result means no."""
+    right ``out_dtype`` result from ``dtype`` operands on ``device`` (an fp32 output from bf16/fp16
+    needs a torch with ``out_dtype``, on CUDA): tried once on a small product, shaped as the pass
+    uses it (Wᵀ and gᵀ are column-major views), against the fp32 product (to fp32 precision for
+    an fp32 output, to the output's rounding otherwise); an error or a wrong result means no."""
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(48, 80, device=device, generator=g).to(dtype)
     if form == "accumulate":
         a = torch.randn(80, 48, device=device, generator=g).to(dtype).T  # as gᵀ in dW += gᵀ·x
     b = torch.randn(96, 80, device=device, generator=g).to(dtype).T  # as Wᵀ
     bias = torch.randn(96, device=device, generator=g).to(dtype)
-    start = torch.randn(48, 96, device=device, generator=g)
+    start = torch.randn(48, 96, device=device, generator=g).to(out_dtype)
     product = a.float() @ b.float()
     want = {"plain": 0.5 * product, "bias": 0.5 * (product + bias.float()),
-            "accumulate": start + product}[form]
+            "accumulate": start.float() + product}[form]
     c = start.clone() if form == "accumulate" else torch.full_like(start, float("nan"))
     try:
         _library_addmm(a, b, c, 1.0 if form == "accumulate" else 0.5,
                        bias if form == "bias" else None, form == "accumulate")
     except (RuntimeError, TypeError, NotImplementedError):
         return False
-    return bool(torch.allclose(c, want, rtol=1e-3, atol=1e-3))  # NaN in c must not survive
+    tol = 1e-3 if out_dtype == torch.float32 else 2 * torch.finfo(out_dtype).eps
+    return bool(torch.allclose(c.float(), want, rtol=tol, atol=tol))  # NaN must not survive
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha: float = 1.0,
@@ -282,7 +284,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha: float = 1
     form = "accumulate" if accumulate else "plain" if bias is None else "bias"
     if LIBRARY_GEMM == "always" or (
             LIBRARY_GEMM == "auto" and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16)
-            and library_gemm_works(a.device, a.dtype, form)):
+            and library_gemm_works(a.device, a.dtype, c.dtype, form)):
         if a.shape[0] and b.shape[1]:
             _library_addmm(a, b, c, alpha, bias, accumulate)
     else:
@@ -348,11 +350,10 @@ def _triton_pass(prob: KLProblem, row_w_N: torch.Tensor, want_dx: bool, want_dw:
                SOFTCAP=not spec.plain, WRITE_GRAD=want_grad, BLOCK_V=block_v, num_warps=warps)
         if not want_grad:
             continue
-        g = g_rows if g_rows.dtype == w_VH.dtype else g_rows.to(w_VH.dtype)
-        if want_dx:
-            _gemm(g, w_VH, dx_NH[c0:c0 + rows])
+        if want_dx:  # g is in the weight's dtype (x and W share it: checked by the dispatcher)
+            _gemm(g_rows, w_VH, dx_NH[c0:c0 + rows])
         if want_dw:  # the first chunk writes dW, the others add to it
-            _gemm(g.T, x_CH, dw_VH, accumulate=c0 > 0)
+            _gemm(g_rows.T, x_CH, dw_VH, accumulate=c0 > 0)
         if want_db:
             db_V += g_rows.float().sum(0)
     if want_dw and N == 0:

@@ -316,8 +316,16 @@ def test_library_gemm_check_refuses_a_wrong_or_failing_product(monkeypatch):
                                (no_bias, (True, False, True)), (raising, (False, False, False))):
             lkt.library_gemm_works.cache_clear()
             monkeypatch.setattr(lkt, "_library_addmm", fake)
-            got = tuple(lkt.library_gemm_works(cpu, torch.float32, f) for f in forms)
+            got = tuple(lkt.library_gemm_works(cpu, torch.float32, torch.float32, f)
+                        for f in forms)
             assert got == expected, fake.__name__
+        # an output in the operands' own dtype (dX) is judged to that dtype's rounding
+        monkeypatch.setattr(lkt, "_library_addmm", real)
+        lkt.library_gemm_works.cache_clear()
+        assert all(lkt.library_gemm_works(cpu, torch.bfloat16, torch.bfloat16, f) for f in forms)
+        monkeypatch.setattr(lkt, "_library_addmm", no_accumulation)
+        lkt.library_gemm_works.cache_clear()
+        assert not lkt.library_gemm_works(cpu, torch.bfloat16, torch.bfloat16, "accumulate")
     finally:
         lkt.library_gemm_works.cache_clear()
 
