@@ -168,17 +168,28 @@ IN_PROCESS = {"env": step_env, "module": step_module, "prefix_attention": step_p
 # --------------------------------------------------------------------------------------------------
 # The driver
 # --------------------------------------------------------------------------------------------------
+LOG = ROOT / "runs" / "gpu_check" / "log.txt"
+"""Every child's whole output, appended (``bench/gpu_check.sh`` copies it to ``$OUT``)."""
+
+
 def run_child(cmd: list[str], timeout: float, env: dict | None = None,
               deadline: float | None = None) -> tuple[bool, str]:
-    """Run ``cmd`` for at most ``timeout`` seconds, and not past the monotonic time ``deadline``."""
+    """Run ``cmd`` for at most ``timeout`` seconds, and not past the monotonic time ``deadline``;
+    its whole output is appended to ``LOG``, its last 3000 characters returned."""
     if deadline is not None:
         timeout = max(1.0, min(timeout, deadline - time.monotonic()))
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                               env=env)
-    except subprocess.TimeoutExpired:
-        return False, f"timed out after {timeout:.0f}s"
-    return proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        ok, text = proc.returncode == 0, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        partial = [x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+                   for x in (e.stdout, e.stderr)]
+        ok, text = False, "".join(partial) + f"\ntimed out after {timeout:.0f}s"
+    LOG.parent.mkdir(parents=True, exist_ok=True)
+    with LOG.open("a") as f:
+        f.write(f"\n===== {time.strftime('%H:%M:%S')} rc_ok={ok} {' '.join(cmd)}\n{text}\n")
+    return ok, text[-3000:]
 
 
 RULEBOOK_FLAGS = ["--task", "rulebook", "--rule", "french", "--shots", "8", "--responses", "teacher",
@@ -195,9 +206,12 @@ def run_step(name: str, runs: Path, deadline: float | None = None) -> dict:
         result = json.loads(line[-1][7:]) if line else {"log": text}
         return {"ok": ok and result.get("ok", True), **result}
     if name == "kernel_tests":
-        ok, text = run_child([sys.executable, "-m", "pytest", "-q", "-x", "tests/ops",
-                              "-k", "not gpu_compile", "-p", "no:cacheprovider"], 300, env, deadline)
-        return {"ok": ok, "summary": text.strip().splitlines()[-1] if text.strip() else ""}
+        ok, text = run_child([sys.executable, "-m", "pytest", "-q", "--maxfail", "5", "-rf",
+                              "tests/ops", "-k", "not gpu_compile", "-p", "no:cacheprovider"],
+                             300, env, deadline)
+        lines = text.strip().splitlines()
+        return {"ok": ok, "summary": lines[-1] if lines else "",
+                "failed": [x for x in lines if x.startswith("FAILED ")][:10]}
     if name in ("train_tiny", "train_smollm2", "train_rulebook"):
         import importlib.util
 
@@ -252,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--only: unknown step(s) {', '.join(unknown)}; choose from {STEPS}")
     runs = ROOT / "runs" / "gpu_check"
+    LOG.unlink(missing_ok=True)  # this run's children only
     deadline = time.monotonic() + opt.deadline_s if opt.deadline_s else None
     env_row = run_step("env", runs)
     rows, t_start = [], time.perf_counter()

@@ -4,7 +4,7 @@
 # carried). Installs every file of wheels/ (made by `make gpu-wheels`; DeepSpeed's sdist built
 # there with its ops left to JIT), installs rdcore in place, runs bench/gpu_check.py with what is
 # left of $GPU_CHECK_BUDGET_S (500 s) as its deadline, and, where $OUT is set, copies there the rows
-# this run appended.
+# this run appended and its children's whole output.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${GPU_PYTHON:-python3}
@@ -28,5 +28,7 @@ if [ -n "${OUT:-}" ]; then
     for f in "${rows[@]}"; do
         [ -f "$f" ] && tail -n +"$(( ${before[$f]} + 1 ))" "$f" > "$OUT/$(basename "$f")"
     done
+    log=runs/gpu_check/log.txt  # every child's output, for a failure's traceback
+    [ -f "$log" ] && tail -c 15000000 "$log" > "$OUT/gpu_check_log.txt"
 fi
 exit $rc
