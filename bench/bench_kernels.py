@@ -122,24 +122,27 @@ def _peak_rss_bytes() -> int:
 
 
 def linear_kl_traffic(N: int, H: int, V: int, itemsize: int, C: int, frozen: bool,
-                      shared: bool = True) -> int:
-    """Bytes rdcore's Triton path moves through device memory (a model of its design, per chunk
-    of C rows; the same whether its GEMMs are cuBLAS's or its own): the logits GEMM reads x̃, x
-    and W — once over [x̃; x] for a shared head (the concatenation written and read), twice
-    otherwise — and writes the fp32 [2C, V] buffer; the row kernel reads both halves twice and
-    writes g (in the input dtype unless fp32); dX reads g and W and writes dX; dW reads g and x
-    and reads and writes the fp32 dW (written only, by the first chunk)."""
-    total, first = 0, True
-    for c0 in range(0, N, C):
-        rows = min(C, N - c0)
-        x_bytes = 2 * rows * H * itemsize
-        total += (3 * x_bytes if shared else x_bytes) + (1 if shared else 2) * V * H * itemsize
-        total += 2 * rows * V * 4
-        total += 4 * rows * V * 4 + rows * V * (4 if itemsize == 4 else itemsize)
-        total += rows * V * itemsize + V * H * itemsize + rows * H * itemsize
+                      shared: bool = True, R: int | None = None) -> int:
+    """Bytes rdcore's Triton path moves through device memory (a model of its design, chunks of
+    C rows in groups of R, default R = C; the same whether its GEMMs are cuBLAS's or its own):
+    per chunk, the logits GEMM reads x̃, x and W — once over [x̃; x] for a shared head (the
+    concatenation written and read), twice otherwise — and writes the fp32 [2C, V] buffer; the
+    row kernel reads both halves twice and writes g (in the input dtype unless fp32); per group,
+    dX reads g and W and writes dX; dW reads g and x and reads and writes the fp32 dW (written
+    only, by the first group)."""
+    R = R or C
+    total = 0
+    for r0 in range(0, N, R):
+        group = min(R, N - r0)
+        for c0 in range(r0, r0 + group, C):
+            rows = min(C, r0 + group - c0)
+            x_bytes = 2 * rows * H * itemsize
+            total += (3 * x_bytes if shared else x_bytes) + (1 if shared else 2) * V * H * itemsize
+            total += 2 * rows * V * 4
+            total += 4 * rows * V * 4 + rows * V * (4 if itemsize == 4 else itemsize)
+        total += group * V * itemsize + V * H * itemsize + group * H * itemsize
         if not frozen:
-            total += rows * V * itemsize + rows * H * itemsize + V * H * 4 * (1 if first else 2)
-        first = False
+            total += group * V * itemsize + group * H * itemsize + V * H * 4 * (2 if r0 else 1)
     return total
 
 
@@ -172,7 +175,7 @@ def _provider_fn(op: str, provider: str):
             from liger_kernel.transformers import LigerFusedLinearJSD
 
             jsd = LigerFusedLinearJSD(jsd_beta=0.0, temperature=1.0)
-            return lambda x, xt, w, wt: jsd(x, w, xt, wt)
+            return lambda x, xt, w, wt: jsd(x, w, xt, wt, None)  # no labels: every row
     else:
         from rdcore.kernels import normalized_hidden_mse, normalized_hidden_mse_reference
 
@@ -256,12 +259,13 @@ def worker(opt: Options, provider: str, shape: list[int]) -> dict:
     if opt.op == "linear_kl":
         row["tflops"] = work / (total_ms / 1e3) / 1e12
         if provider == "triton":
-            from rdcore.kernels.linear_kl_triton import triton_chunk_rows
+            from rdcore.kernels.linear_kl_triton import triton_geometry
 
-            C = triton_chunk_rows(N, V, dtype)
+            C, R = triton_geometry(N, V, dtype)
             moved = linear_kl_traffic(N, H, V, torch.finfo(dtype).bits // 8, C,
-                                      opt.frozen_head)
-            row.update(chunk_rows=C, model_gb=moved / 1e9, model_gbps=moved / (total_ms / 1e3) / 1e9)
+                                      opt.frozen_head, R=R)
+            row.update(chunk_rows=C, group_rows=R, model_gb=moved / 1e9,
+                       model_gbps=moved / (total_ms / 1e3) / 1e9)
     else:
         row["gbps"] = work / (total_ms / 1e3) / 1e9
     return row

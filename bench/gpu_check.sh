@@ -3,8 +3,8 @@
 # (`make gpu-check`, or directly: `bash bench/gpu_check.sh`; through the device tool, with `wheels`
 # carried). Installs every file of wheels/ (made by `make gpu-wheels`; DeepSpeed's sdist built
 # there with its ops left to JIT), installs rdcore in place, runs bench/gpu_check.py with what is
-# left of $GPU_CHECK_BUDGET_S (500 s) as its deadline, and, where $OUT is set, copies there the rows
-# this run appended and its children's whole output.
+# left of $GPU_CHECK_BUDGET_S (500 s) as its deadline (which, where $OUT is set, copies there the
+# rows this run appended and its children's whole output, step by step).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${GPU_PYTHON:-python3}
@@ -18,17 +18,6 @@ if compgen -G "wheels/*" > /dev/null; then
 fi
 $PY -m pip install --quiet --no-index --no-deps --no-build-isolation -e . \
     || { echo "gpu_check.sh: installing rdcore failed"; exit 2; }
-rows=(bench/results/gpu_check.jsonl bench/results/kernels.jsonl)
-declare -A before
-for f in "${rows[@]}"; do before[$f]=$( [ -f "$f" ] && wc -l < "$f" || echo 0 ); done
-left=$(( BUDGET_S - (SECONDS - START) - 20 ))  # what is left of the budget, less 20 s to copy rows
-$PY bench/gpu_check.py --deadline_s "$(( left > 1 ? left : 1 ))" "$@"
-rc=$?
-if [ -n "${OUT:-}" ]; then
-    for f in "${rows[@]}"; do
-        [ -f "$f" ] && tail -n +"$(( ${before[$f]} + 1 ))" "$f" > "$OUT/$(basename "$f")"
-    done
-    log=runs/gpu_check/log.txt  # every child's output, for a failure's traceback
-    [ -f "$log" ] && tail -c 15000000 "$log" > "$OUT/gpu_check_log.txt"
-fi
-exit $rc
+left=$(( BUDGET_S - (SECONDS - START) - 5 ))  # what is left of the budget
+# gpu_check.py copies this run's rows and its children's output to $OUT after every step
+exec $PY bench/gpu_check.py --deadline_s "$(( left > 1 ? left : 1 ))" "$@"

@@ -32,6 +32,9 @@ MAX_BLOCK_H = 8192
 warps)."""
 TILE_H = 2048
 """Tile of the long-row kernel."""
+ROW_WARPS: int | None = None
+"""``num_warps`` of the in-register row kernel, overriding :func:`hidden_config`'s (benchmarks
+sweep it)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,7 +118,7 @@ def hidden_config(H: int) -> tuple[bool, int, int]:
     """(tiled, BLOCK_H or TILE, num_warps) for rows of H units."""
     if H <= MAX_BLOCK_H:
         block = triton.next_power_of_2(H)
-        return False, block, max(1, min(16, block // 256))
+        return False, block, ROW_WARPS or max(1, min(16, block // 256))
     return True, TILE_H if not interpreting() else 1024, 8
 
 

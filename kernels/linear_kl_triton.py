@@ -8,16 +8,21 @@ Formula: see ``linear_kl_torch.py`` (the same per-row loss and gradient; the log
 
 Shape letters: N rows, H student hidden size, Ht teacher hidden size, V vocabulary, C rows of a chunk.
 
-Algorithm (gradient in the forward pass): rows go C at a time (:func:`triton_chunk_rows`); only
-[C, V] buffers exist, never [N, V]. Per chunk
+Algorithm (gradient in the forward pass): rows go in groups of R, each group in chunks of C
+(:func:`triton_geometry`); only [2C, V] and [R, V] buffers exist, never [N, V]. Per chunk
 
 1. GEMM: teacher and student logits (``u``, or ``z`` directly when there is no softcap: the scale
    and 1/T are folded into the epilogue, with the bias) into fp32 [C, V] buffers, straight from the
    fp32 accumulator — one GEMM over ``[x̃; x]`` into one [2C, V] buffer when the head is shared;
-2. ``_kl_rows_kernel``: per row, online log-sum-exp over V of both, then ℓ_n and g (written over the
-   student logits, or into a [C, V] buffer of the input dtype for low-precision GEMM operands);
-3. GEMM: dx = g·W and dW (+)= gᵀ·x into an fp32 accumulator (the first chunk writes it: no
-   zero-fill); db = Σ_n g by a column sum.
+2. ``_kl_rows_kernel``: per row, online log-sum-exp over V of both, then ℓ_n and g, written into
+   the group's [R, V] buffer of the input dtype (over the student logits when fp32 and R = C);
+
+then per group
+
+3. GEMM: dx = g·W and dW (+)= gᵀ·x into an fp32 accumulator (the first group writes it: no
+   zero-fill); db = Σ_n g by a column sum. A group of several chunks reads and writes the fp32 dW
+   fewer times, and gives both GEMMs R rows: the traffic a small-K dW update costs is what bounds
+   a one-chunk group on a GPU.
 
 The GEMMs (:func:`_gemm`): for bf16/fp16 operands on CUDA, the vendor library (cuBLAS through
 ``torch.addmm`` with ``out_dtype=torch.float32``: bf16 tensor-core products written as fp32, the
@@ -46,9 +51,14 @@ import triton.language as tl
 
 from ._common import KLGrads, KLProblem, interpreting, launch
 
-CHUNK_BUFFER_BYTES = 1 << 30
-"""Size (to a tile row) of the per-chunk [C, V] buffers of the Triton path (two fp32 logit buffers and,
-for bf16/fp16, the gradient operand)."""
+CHUNK_BUFFER_BYTES = 900 << 20
+"""Bytes (to a tile row) of the Triton path's buffers: the [2C, V] fp32 logits of a chunk and the
+[R, V] gradient of a group (:func:`triton_geometry`): under the 1 GB that a trainable head at
+N 8192, V 128256 may use beyond its fp32 dW accumulator."""
+LOGITS_SHARE = 0.25
+"""Share of :data:`CHUNK_BUFFER_BYTES` for the logits chunk (the rest holds the gradient group)."""
+GROUP_ROWS: int | None = None
+"""Rows per gradient group, overriding :func:`triton_geometry`'s choice (benchmarks sweep it)."""
 INT32_LIMIT = 2**31
 
 
@@ -297,17 +307,45 @@ def rows_config(V: int) -> tuple[int, int]:
     return block_v, 8 if block_v >= 2048 else 4
 
 
-def triton_chunk_rows(N: int, V: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: as many as let the [C, V] buffers (two fp32 logits, and g unless fp32) fit
-    :data:`CHUNK_BUFFER_BYTES`, then evened out over the chunks N needs and rounded up to a
-    multiple of 64, so that every chunk (the last one too when N is a multiple of 64) is a whole
-    number of GEMM tiles and the dW GEMM's inner dimension stays 16-aligned."""
-    per_row = V * (8 + (0 if dtype == torch.float32 else torch.finfo(dtype).bits // 8))
-    most = max(1, CHUNK_BUFFER_BYTES // max(per_row, 1))
+def _even(N: int, most: int, multiple: int) -> int:
+    """At most ``most`` rows (at least one) per piece, evened out over the pieces N needs, rounded
+    up to ``multiple`` (when ``most`` allows it)."""
+    most = max(1, most)
     if N <= most:
         return max(N, 1)
-    even = -(-N // -(-N // most))  # ceil(N / number of chunks)
-    return min(N, max(64, -(-even // 64) * 64)) if most >= 64 else most
+    even = -(-N // -(-N // most))  # ceil(N / number of pieces)
+    return min(N, max(multiple, -(-even // multiple) * multiple)) if most >= multiple else most
+
+
+def triton_geometry(N: int, V: int, dtype: torch.dtype, chunk_rows: int | None = None,
+                    group_rows: int | None = None) -> tuple[int, int]:
+    """``(C, R)``: rows per logits chunk and rows per gradient group, R a multiple of C.
+
+    The [2C, V] fp32 logits get :data:`LOGITS_SHARE` of :data:`CHUNK_BUFFER_BYTES`, g's [R, V]
+    buffer (the input dtype) the rest, so that dX = g·W and dW (+)= gᵀ·x run once per R rows:
+    the dW GEMM reads and writes the fp32 [V, H] accumulator N/R times instead of N/C (at
+    N 8192, V 128256, bf16: R 2048, C 256 — 16 GB of dW traffic instead of 40 GB at C = R = 832),
+    and both GEMMs get R rows instead of C. C is a multiple of 64 (whole GEMM tiles; dW's inner
+    dimension 16-aligned), each evened out over N. ``chunk_rows`` / ``group_rows`` (or
+    :data:`GROUP_ROWS`) override; a group defaults to one chunk when C is given alone."""
+    per_z = 8 * V  # two fp32 logit rows
+    per_g = V * torch.finfo(dtype).bits // 8
+    if chunk_rows is not None:
+        C = min(chunk_rows, max(N, 1))
+        R = group_rows or GROUP_ROWS or C
+    else:
+        if N * (per_z + per_g) <= CHUNK_BUFFER_BYTES:
+            return max(N, 1), max(N, 1)
+        C = _even(N, int(CHUNK_BUFFER_BYTES * LOGITS_SHARE) // per_z, 64)
+        R = group_rows or GROUP_ROWS or _even(
+            N, (CHUNK_BUFFER_BYTES - C * per_z) // per_g // C * C, C)
+    R = max(C, min(-(-R // C) * C, -(-max(N, 1) // C) * C))  # a multiple of C, at most N's
+    return C, R
+
+
+def triton_chunk_rows(N: int, V: int, dtype: torch.dtype) -> int:
+    """Rows per logits chunk (:func:`triton_geometry`'s C)."""
+    return triton_geometry(N, V, dtype)[0]
 
 
 def _triton_pass(prob: KLProblem, row_w_N: torch.Tensor, want_dx: bool, want_dw: bool,
@@ -317,45 +355,49 @@ def _triton_pass(prob: KLProblem, row_w_N: torch.Tensor, want_dx: bool, want_dw:
     want_grad = want_dx or want_dw or want_db
     N, H = x_NH.shape
     V = w_VH.shape[0]
-    C = min(chunk, max(N, 1)) if chunk else triton_chunk_rows(N, V, x_NH.dtype)
+    C, R = triton_geometry(N, V, x_NH.dtype, chunk)
     dev = x_NH.device
     # the same head for both sides: one GEMM over [x̃; x] into one [2C, V] buffer per chunk
     shared = wt_VHt is w_VH and bt_V is b_V and xt_NHt.dtype == x_NH.dtype
     loss_N = torch.empty(N, device=dev, dtype=torch.float32)
     z_2CV = torch.empty((2 * min(C, N), V), device=dev, dtype=torch.float32)
-    g_CV = None if x_NH.dtype == torch.float32 else torch.empty((min(C, N), V), device=dev,
-                                                                 dtype=x_NH.dtype)
+    # g of a whole group, in the GEMM operands' dtype (over the student logits: fp32, R = C)
+    own_g = want_grad and (R > C or x_NH.dtype != torch.float32)
+    g_RV = torch.empty((min(R, N), V), device=dev, dtype=x_NH.dtype) if own_g else None
     dx_NH = torch.empty_like(x_NH) if want_dx else None
     dw_VH = torch.empty((V, H), device=dev, dtype=torch.float32) if want_dw else None
     db_V = torch.zeros(V, device=dev, dtype=torch.float32) if want_db else None
     # no softcap: z = scale/T · (x·Wᵀ + b) straight from the GEMM; with one: u = scale · (…)
     alpha = spec.scale / spec.temperature if spec.plain else spec.scale
     block_v, warps = rows_config(V)
-    for c0 in range(0, N, C):
-        rows = min(C, N - c0)
-        x_CH = x_NH[c0:c0 + rows]
-        t_CV, s_CV = z_2CV[:rows], z_2CV[rows:2 * rows]
-        if shared:
-            _gemm(torch.cat([xt_NHt[c0:c0 + rows], x_CH]), w_VH.T, z_2CV[:2 * rows], alpha=alpha,
-                  bias=b_V)
-        else:
-            _gemm(xt_NHt[c0:c0 + rows], wt_VHt.T, t_CV, alpha=alpha, bias=bt_V)
-            _gemm(x_CH, w_VH.T, s_CV, alpha=alpha, bias=b_V)
-        g_rows = s_CV if g_CV is None else g_CV[:rows]  # g over the student logits when fp32
-        launch(_kl_rows_kernel, (rows,),
-               s_CV, t_CV, g_rows, loss_N[c0:], row_w_N[c0:],
-               V, s_CV.stride(0), t_CV.stride(0), g_rows.stride(0),
-               spec.softcap or 1.0, 1.0 / spec.temperature, spec.temperature**2,
-               spec.temperature * spec.scale,
-               SOFTCAP=not spec.plain, WRITE_GRAD=want_grad, BLOCK_V=block_v, num_warps=warps)
+    for r0 in range(0, N, R):
+        group = min(R, N - r0)
+        for c0 in range(r0, r0 + group, C):
+            rows = min(C, r0 + group - c0)
+            t_CV, s_CV = z_2CV[:rows], z_2CV[rows:2 * rows]
+            if shared:
+                _gemm(torch.cat([xt_NHt[c0:c0 + rows], x_NH[c0:c0 + rows]]), w_VH.T,
+                      z_2CV[:2 * rows], alpha=alpha, bias=b_V)
+            else:
+                _gemm(xt_NHt[c0:c0 + rows], wt_VHt.T, t_CV, alpha=alpha, bias=bt_V)
+                _gemm(x_NH[c0:c0 + rows], w_VH.T, s_CV, alpha=alpha, bias=b_V)
+            g_rows = s_CV if g_RV is None else g_RV[c0 - r0:c0 - r0 + rows]
+            launch(_kl_rows_kernel, (rows,),
+                   s_CV, t_CV, g_rows, loss_N[c0:], row_w_N[c0:],
+                   V, s_CV.stride(0), t_CV.stride(0), g_rows.stride(0),
+                   spec.softcap or 1.0, 1.0 / spec.temperature, spec.temperature**2,
+                   spec.temperature * spec.scale,
+                   SOFTCAP=not spec.plain, WRITE_GRAD=want_grad, BLOCK_V=block_v,
+                   num_warps=warps)
         if not want_grad:
             continue
+        g = z_2CV[group:2 * group] if g_RV is None else g_RV[:group]  # R = C without g_RV
         if want_dx:  # g is in the weight's dtype (x and W share it: checked by the dispatcher)
-            _gemm(g_rows, w_VH, dx_NH[c0:c0 + rows])
-        if want_dw:  # the first chunk writes dW, the others add to it
-            _gemm(g_rows.T, x_CH, dw_VH, accumulate=c0 > 0)
+            _gemm(g, w_VH, dx_NH[r0:r0 + group])
+        if want_dw:  # the first group writes dW, the others add to it
+            _gemm(g.T, x_NH[r0:r0 + group], dw_VH, accumulate=r0 > 0)
         if want_db:
-            db_V += g_rows.float().sum(0)
+            db_V += g.float().sum(0)
     if want_dw and N == 0:
         dw_VH.zero_()
     return KLGrads(loss_N, dx_NH, dw_VH, db_V)

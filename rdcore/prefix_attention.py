@@ -122,10 +122,13 @@ def _exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Visible |
 
 
 _FLEX: dict[str, Any] = {}
+FLEX_FAILURES: list[str] = []
+"""Why compiled flex attention fell back to ``exact`` in this process (empty: it never did). The
+GPU check reads it: a fallback gives the right answer at the exact path's O(S²) memory."""
 
 
-def _flex_functions(cuda: bool) -> tuple[Any, Any, Any]:
-    """(flex_attention, create_block_mask, AuxRequest or None), compiled on CUDA."""
+def _flex_functions(cuda: bool) -> tuple[Any, Any, Any, bool]:
+    """(flex_attention, create_block_mask, AuxRequest or None, compiled): compiled on CUDA."""
     key = "cuda" if cuda else "cpu"
     if key not in _FLEX:
         from torch.nn.attention import flex_attention as fa
@@ -133,18 +136,26 @@ def _flex_functions(cuda: bool) -> tuple[Any, Any, Any]:
         attend, make_mask = fa.flex_attention, fa.create_block_mask
         if cuda:
             attend = torch.compile(attend, dynamic=True)
-        _FLEX[key] = (attend, make_mask, getattr(fa, "AuxRequest", None))
+        _FLEX[key] = (attend, make_mask, getattr(fa, "AuxRequest", None), cuda)
     return _FLEX[key]
 
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Visible | None,
           scaling: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same through ``flex_attention`` (fused on CUDA: no score matrix)."""
+    """The same through ``flex_attention`` (fused on CUDA: no score matrix).
+
+    Compiled with dynamic shapes but constant floats: a dynamic ``scale`` or softcap becomes a
+    0-d CPU tensor in the graph, which inductor's flex lowering cannot read (torch 2.11 on an H200:
+    ``LoweringException: unbacked_bindings``, and the decoding template left with no choices).
+    The main flex kernel is forced (also for short query blocks). Should compiling still fail, the
+    reason is warned once and kept in ``FLEX_FAILURES``, and ``exact`` answers instead."""
     import warnings
 
+    attend, make_mask, aux, compiled = _flex_functions(q.is_cuda)
+    if compiled and FLEX_FAILURES:
+        return _exact(q, k, v, visible, scaling, softcap)
     B, Hq, Q, _ = q.shape
     K = k.shape[2]
-    attend, make_mask, aux = _flex_functions(q.is_cuda)
     block_mask = None
     if visible is not None:
         block_mask = make_mask(lambda b, h, qi, ki: visible(b, qi, ki), B, None, Q, K,
@@ -153,15 +164,30 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Visible | 
     if softcap is not None:
         def score_mod(score, b, h, qi, ki):
             return torch.tanh(score / softcap) * softcap
-    with warnings.catch_warnings():
+    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scaling,
+                  enable_gqa=Hq != k.shape[1])
+    if q.is_cuda:
+        kwargs["kernel_options"] = {"FORCE_USE_FLEX_ATTENTION": True}
+    failed = None
+    with warnings.catch_warnings(), torch._dynamo.config.patch(specialize_float=True):
         warnings.simplefilter("ignore")  # the CPU path warns that it is unfused
-        kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scaling,
-                      enable_gqa=Hq != k.shape[1])
-        if aux is not None:
-            out, extra = attend(q, k, v, return_aux=aux(lse=True), **kwargs)
-            lse = extra.lse
-        else:  # torch < 2.9
-            out, lse = attend(q, k, v, return_lse=True, **kwargs)
+        try:
+            if aux is not None:
+                out, extra = attend(q, k, v, return_aux=aux(lse=True), **kwargs)
+                lse = extra.lse
+            else:  # torch < 2.9
+                out, lse = attend(q, k, v, return_lse=True, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            if not compiled:
+                raise
+            inner = getattr(e, "inner_exception", None) or e  # inductor's own error, if wrapped
+            failed = f"{type(inner).__name__}: {(str(inner).strip() or '?').splitlines()[0][:300]}"
+    if failed is not None:
+        FLEX_FAILURES.append(failed)
+        warnings.warn(f"rdcore: compiled flex attention failed on torch {torch.__version__} "
+                      f"({failed}); the teacher's prefix attention uses the exact backend from "
+                      "now on (O(S²) memory)", RuntimeWarning, stacklevel=2)
+        return _exact(q, k, v, visible, scaling, softcap)
     return out.float(), lse.float()
 
 

@@ -21,11 +21,18 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_rows_appended_step_by_step_and_deadline_skips(tmp_path):
     out = tmp_path / "rows.jsonl"
     out.write_text('{"step": "earlier run"}\n')
-    proc = _run("--only", "env", "--out", str(out), env={"RDCORE_GIT_SHA": "abc1234"})
+    lease = tmp_path / "lease_out"  # a device lease's $OUT
+    lease.mkdir()
+    proc = _run("--only", "env", "--out", str(out), env={"RDCORE_GIT_SHA": "abc1234",
+                                                         "OUT": str(lease)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["step"] for r in rows] == ["earlier run", "env"]  # appended, not rewritten
     assert rows[1]["ok"] is True and rows[1]["git"] == "abc1234" and "torch" in rows[1]
+    # this run's rows only, and the children's output, copied to $OUT as the steps end
+    copied = [json.loads(x) for x in (lease / "rows.jsonl").read_text().splitlines()]
+    assert copied == rows[1:]
+    assert "--step env" in (lease / "gpu_check_log.txt").read_text()
 
     late = tmp_path / "late.jsonl"
     proc = _run("--only", "env,module,train_tiny", "--deadline_s", "1e-9", "--out", str(late))

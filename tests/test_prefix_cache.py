@@ -279,3 +279,66 @@ def test_several_rules_keep_one_prefix_each(mode):
     assert cached.work.prefix_builds == (2 if mode == "teacher" else 6)
     if mode == "teacher":
         assert sizes[0] == sizes[1] == sizes[2] and all(s > 0 for s in sizes[0])
+
+
+def _flex_case():
+    torch.manual_seed(1)
+    B, Hq, Hkv, P, S, D = 2, 4, 2, 6, 5, 16
+    q = torch.randn(B, Hq, S, D)
+    k, v = torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    kp, vp = torch.randn(Hkv, P, D), torch.randn(Hkv, P, D)
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[1, 3:] = False
+    pos = P + (mask.long().cumsum(-1) - 1).clamp_min(0)
+    return q, k, v, kp, vp, mask, 0.3, pos, 7, 20.0
+
+
+def test_compiled_flex_keeps_scale_and_softcap_constant(monkeypatch):
+    """A dynamic float reaches inductor's flex lowering as a 0-d CPU tensor, which it cannot read
+    (seen on an H200 with torch 2.11): the compiled call must see scale and softcap as constants."""
+    from torch.nn.attention import flex_attention as fa
+
+    import rdcore.prefix_attention as pa
+
+    inputs = []
+
+    def record(gm, example_inputs):
+        inputs.extend(example_inputs)
+        return gm.forward
+
+    torch._dynamo.reset()
+    attend = torch.compile(fa.flex_attention, dynamic=True, backend=record)
+    monkeypatch.setitem(pa._FLEX, "cpu", (attend, fa.create_block_mask, fa.AuxRequest, True))
+    case = _flex_case()
+    got = cascade_attention(*case, backend="flex")
+    want = cascade_attention(*case, backend="exact")
+    torch._dynamo.reset()
+    assert inputs, "the compiled function was not called"
+    floats = [x for x in inputs if isinstance(x, torch.Tensor) and x.dtype == torch.float64]
+    assert not floats, f"floats traced as tensors: {floats}"
+    mask = case[5]
+    torch.testing.assert_close(got[mask[:, None].expand_as(got[..., 0])],
+                               want[mask[:, None].expand_as(want[..., 0])], atol=1e-5, rtol=1e-5)
+    assert not pa.FLEX_FAILURES
+
+
+def test_compiled_flex_that_fails_falls_back_to_exact_with_a_warning(monkeypatch):
+    from torch.nn.attention import flex_attention as fa
+
+    import rdcore.prefix_attention as pa
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, RuntimeError("no choices"), None)
+
+    monkeypatch.setitem(pa._FLEX, "cpu", (broken, fa.create_block_mask, fa.AuxRequest, True))
+    monkeypatch.setattr(pa, "FLEX_FAILURES", [])
+    case = _flex_case()
+    with pytest.warns(RuntimeWarning, match="exact backend"):
+        got = cascade_attention(*case, backend="flex")
+    torch.testing.assert_close(got, cascade_attention(*case, backend="exact"))
+    assert len(pa.FLEX_FAILURES) == 1 and "no choices" in pa.FLEX_FAILURES[0]
+    cascade_attention(*case, backend="flex")  # no second compile attempt
+    assert len(calls) == 1

@@ -189,9 +189,31 @@ def test_logit_transform_and_bias_against_fp64_truth(dtype, impl):
     assert abs(plain.item() - truth[0].item()) > 1e-2 * truth[0].item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [dict(N=41, H=40, V=1271), dict(N=33, H=24, V=500, Ht=40)],
+                         ids=["shared", "separate"])
+def test_gradient_groups_against_fp64_truth(monkeypatch, case, dtype):
+    """The Triton pass with chunks of 6 rows in groups of 18 (41 = 18 + 18 + 5: a partial last
+    group, a partial chunk inside it): dX and dW once per group, g in a group buffer."""
+    from rdcore.kernels import linear_kl_triton as lkt
+
+    monkeypatch.setattr(lkt, "GROUP_ROWS", 18)
+    x, xt, w, wt = make(**case, scale=2.0)
+    N = x.shape[0]
+    mask = torch.rand(N, generator=torch.Generator().manual_seed(5)) > 0.3
+    grad_out = torch.tensor(0.45)
+    kw = dict(mask=mask, temperature=1.2)
+    truth = run(linear_kl_reference, x, xt, w, wt, torch.float64, grad_out, **kw)
+    same = run(linear_kl_reference, x, xt, w, wt, dtype, grad_out, **kw)
+    ours = run(lambda *a, **k: fused_linear_kl(*a, impl="triton", chunk_rows=6, **k), x, xt, w,
+               wt, dtype, grad_out, **kw)
+    for name, o, t, p in zip(("value", "dx", "dw"), ours, truth, same):
+        assert err(o, t) <= err(p, t) + TOL[dtype], (name, err(o, t), err(p, t))
+
+
 def test_chunk_geometry_follows_the_problem():
     from rdcore.kernels.linear_kl_torch import MAX_CHUNK_ROWS, MIN_CHUNK_ROWS, torch_chunk_rows
-    from rdcore.kernels.linear_kl_triton import CHUNK_BUFFER_BYTES, triton_chunk_rows
+    from rdcore.kernels.linear_kl_triton import CHUNK_BUFFER_BYTES, triton_geometry
 
     # CPU: GEMMs at their best (512 rows), within twice the weight's bytes, never below 256 rows
     # (a compute-bound dW update), evened out over the chunks
@@ -208,12 +230,18 @@ def test_chunk_geometry_follows_the_problem():
     assert torch_chunk_rows(256, 32000, 2048, 4) == 256  # 10 %: one chunk, 10-18 % faster
     assert torch_chunk_rows(256, 32000, 2048, 4, want_dw=False) == 128  # no dW: saves half
     assert torch_chunk_rows(200, 32000, 512, 4) == 200  # halves below SPLIT_ROWS
-    # Triton: within the buffer budget, evened out over the chunks, a multiple of 64
-    for N, V in [(8192, 128256), (1024, 262144), (5000, 128256)]:
-        C = triton_chunk_rows(N, V, torch.bfloat16)
-        assert C % 64 == 0 and C * V * 10 <= 1.1 * CHUNK_BUFFER_BYTES
+    # Triton: logits chunk and gradient group within the buffer budget, evened out, C a multiple
+    # of 64 and R of C
+    for N, V in [(8192, 128256), (1024, 262144), (5000, 128256), (100000, 262144)]:
+        C, R = triton_geometry(N, V, torch.bfloat16)
+        assert C % 64 == 0 and R % C == 0 and C * V * 8 + R * V * 2 <= 1.05 * CHUNK_BUFFER_BYTES
         assert (N % C) % 64 == (N % 64)  # the last chunk too, when N is a multiple of 64
-    assert triton_chunk_rows(300, 32000, torch.float32) == 300
+        assert R >= 4 * C or R >= N  # the dW update runs on several chunks' rows
+    assert triton_geometry(8192, 128256, torch.bfloat16) == (256, 2048)  # 4 groups of 8 chunks
+    assert triton_geometry(300, 32000, torch.float32) == (300, 300)  # fits: one chunk
+    assert triton_geometry(300, 32000, torch.float32, chunk_rows=64) == (64, 64)
+    assert triton_geometry(300, 32000, torch.float32, chunk_rows=64, group_rows=100) == (64, 128)
+    assert triton_geometry(300, 32000, torch.float32, chunk_rows=64, group_rows=1000) == (64, 320)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory
@@ -252,9 +280,10 @@ def test_the_same_head_passed_again_takes_the_shared_path(monkeypatch):
     assert calls == [8, 8, 8, 8, 4, 4]
 
 
+@pytest.mark.parametrize("group", [None, 20], ids=["group=chunk", "group=2chunks"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("head", ["shared", "separate"])
-def test_library_gemm_path_against_fp64_truth(monkeypatch, head, reduction):
+def test_library_gemm_path_against_fp64_truth(monkeypatch, head, reduction, group):
     """The Triton pass with every GEMM through the library (``torch.addmm``: on CUDA, cuBLAS with
     an fp32 output for bf16/fp16; forced here with fp32 operands so the CPU runs it): the scale,
     bias and softcap in its epilogue, the first chunk's dW written and the others added, one GEMM
@@ -264,6 +293,7 @@ def test_library_gemm_path_against_fp64_truth(monkeypatch, head, reduction):
     calls = {"library": 0, "triton": 0}
     real_lib, real_triton = lkt._library_addmm, lkt._matmul
     monkeypatch.setattr(lkt, "LIBRARY_GEMM", "always")
+    monkeypatch.setattr(lkt, "GROUP_ROWS", group)
     monkeypatch.setattr(lkt, "_library_addmm", lambda *a: calls.__setitem__(
         "library", calls["library"] + 1) or real_lib(*a))
     monkeypatch.setattr(lkt, "_matmul", lambda *a, **k: calls.__setitem__(
@@ -282,10 +312,12 @@ def test_library_gemm_path_against_fp64_truth(monkeypatch, head, reduction):
                wt, torch.float32, grad_out, **kw)
     for name, o, t, p in zip(("value", "dx", "dw"), ours, truth, same):
         assert err(o, t) <= err(p, t) + TOL[torch.float32], (name, err(o, t), err(p, t))
-    # 3 chunks (10, 10, 3 rows); per chunk 1 logits GEMM if shared, else 2; then dX and dW
+    # 3 chunks (10, 10, 3 rows); per chunk 1 logits GEMM if shared, else 2; then per group (a
+    # chunk, or 20 rows: 2 groups) dX and dW
     passes = 2 if reduction == "none" else 1  # "none": a losses-only pass, then the gradients
     logits = 1 if head == "shared" else 2
-    assert calls == {"library": 3 * logits * passes + 3 * 2, "triton": 0}
+    groups = 3 if group is None else 2
+    assert calls == {"library": 3 * logits * passes + groups * 2, "triton": 0}
 
 
 def test_library_gemm_check_refuses_a_wrong_or_failing_product(monkeypatch):
