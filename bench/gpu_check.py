@@ -180,6 +180,8 @@ IN_PROCESS = {"env": step_env, "module": step_module, "prefix_attention": step_p
 # --------------------------------------------------------------------------------------------------
 # The driver
 # --------------------------------------------------------------------------------------------------
+TRACE = ROOT / "runs" / "gpu_check" / "trace_linear_kl.json"
+"""The sweep's Chrome trace of one linear-KL step (copied to ``$OUT``)."""
 LOG = ROOT / "runs" / "gpu_check" / "log.txt"
 """Every child's whole output, appended (``bench/gpu_check.sh`` copies it to ``$OUT``)."""
 
@@ -270,7 +272,8 @@ def run_step(name: str, runs: Path, opt: Options, deadline: float | None = None)
             results[" ".join(extra[1::2])] = {"ok": ok, "table": text.strip().splitlines()[-12:]}
         return {"ok": all(r["ok"] for r in results.values()), **results}
     if name == "sweep":  # the Triton path's geometry, a per-op profile, the hidden MSE's warps
-        ok, text = run_child([sys.executable, "bench/sweep_kernels.py"], 240, env, deadline)
+        ok, text = run_child([sys.executable, "bench/sweep_kernels.py", "--trace", str(TRACE)],
+                             240, env, deadline)
         return {"ok": ok, "table": text.strip().splitlines()[-60:]}
     raise SystemExit(f"unknown step {name!r}; choose from {STEPS}")
 
@@ -293,6 +296,8 @@ class Exporter:
                     (self.out / f.name).write_text("\n".join(new) + "\n")
         if LOG.is_file():
             (self.out / "gpu_check_log.txt").write_bytes(LOG.read_bytes()[-15_000_000:])
+        if TRACE.is_file() and TRACE.stat().st_size < 16_000_000:
+            (self.out / TRACE.name).write_bytes(TRACE.read_bytes())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     export = Exporter([Path(opt.out), RESULTS / "kernels.jsonl", RESULTS / "kernel_sweep.jsonl"])
     runs = ROOT / "runs" / "gpu_check"
     LOG.unlink(missing_ok=True)  # this run's children only
+    TRACE.unlink(missing_ok=True)
     deadline = time.monotonic() + opt.deadline_s if opt.deadline_s else None
     env_row = run_step("env", runs, opt)
     rows, t_start = [], time.perf_counter()

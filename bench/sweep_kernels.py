@@ -51,6 +51,9 @@ class Options:
     """Timed runs per configuration (after one warm-up), median reported."""
     out: str = str(OUT)
     """Where the rows are appended."""
+    trace: str = ""
+    """Where to write the Chrome trace of the first profiled step (trainable head; empty: none) —
+    the timeline shows where the device waits between kernels."""
 
 
 def _geometry(spec: str) -> tuple[int | None, int | None]:
@@ -144,9 +147,10 @@ def linear_kl_sweep(opt: Options, base: dict) -> list[dict]:
                          "ms_all": times[spec], "tflops": flops / ms / 1e9,
                          "dw_mib": 0 if frozen else V * H * 4 / 2**20,
                          "peak_extra_mib": peaks[spec]})
-        for spec in [p for p in opt.profile.split(",") if p]:
+        for i, spec in enumerate(p for p in opt.profile.split(",") if p):
+            trace = Path(opt.trace) if opt.trace and i == 0 and not frozen else None
             try:
-                found = _profile(lambda spec=spec: step(spec))
+                found = _profile(lambda spec=spec: step(spec), trace)
             except Exception as e:  # the timings above stand without it
                 found = {"failed": f"{type(e).__name__}: {e}"[:300]}
             rows.append({**base, "op": "linear_kl_profile", "shape": opt.shape,
@@ -162,9 +166,9 @@ def _device():
     return ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
 
 
-def _profile(fn) -> dict:
+def _profile(fn, trace: Path | None = None) -> dict:
     """One call of ``fn`` under the profiler: device ms per aten op (by input shapes) and per
-    kernel."""
+    kernel, the step's own time (CUDA events) and so the time no kernel ran (``idle_ms``)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -173,8 +177,10 @@ def _profile(fn) -> dict:
     _sync()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
                  record_shapes=True) as prof:
-        fn()
-        _sync()
+        step_ms = _timed(fn)
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
 
     def device_ms(e) -> float:
         if not cuda:
@@ -196,7 +202,9 @@ def _profile(fn) -> dict:
     kernel_rows = sorted(kernels.values(), key=lambda k: -k["ms"])
     for k in kernel_rows:
         k["ms"] = round(k["ms"], 3)
-    return {"device_ms": round(sum(k["ms"] for k in kernel_rows), 3),
+    busy = sum(k["ms"] for k in kernel_rows)
+    return {"device_ms": round(busy, 3), "step_ms": round(step_ms, 3),
+            "idle_ms": round(step_ms - busy, 3),
             "ops": sorted(ops, key=lambda o: -o["ms"])[:16], "kernels": kernel_rows[:16]}
 
 
@@ -284,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             if r["op"] == "linear_kl_profile":
                 head = "frozen" if r["frozen_head"] else "trainable"
-                print(f"\nprofile {head} {r['config']}: {r['device_ms']:.2f} ms of device time")
+                if "failed" in r:
+                    print(f"\nprofile {head} {r['config']}: {r['failed']}")
+                    continue
+                print(f"\nprofile {head} {r['config']}: {r['device_ms']:.2f} ms of kernel time in a "
+                      f"{r['step_ms']:.2f} ms step")
                 for o in r["ops"]:
                     print(f"  {o['ms']:8.2f} ms {o['calls']:4d}x {o['op']:<28} {o['shapes'][:90]}")
     if "hidden_mse" in ops:

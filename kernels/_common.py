@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -128,15 +128,25 @@ def reduce_rows(rows_N: torch.Tensor, mask: torch.Tensor | None, reduction: str)
     return rows_N.sum() / count.clamp_min(1)
 
 
-def scaled(grad: torch.Tensor | None, grad_out: torch.Tensor) -> torch.Tensor | None:
-    """``grad · grad_out``, skipped when ``grad_out`` is exactly 1 — checked on CPU only: on an
-    accelerator the comparison would be a host synchronisation, which costs more than the scale.
-    In place: the saved gradient is not used again."""
-    if grad is None:
-        return None
+def scaled(grads: Sequence[torch.Tensor | None], grad_out: torch.Tensor
+           ) -> tuple[torch.Tensor | None, ...]:
+    """Each of ``grads`` times the scalar ``grad_out``, in place (the saved gradients are not used
+    again); skipped when ``grad_out`` is exactly 1 — checked on CPU only: on an accelerator the
+    comparison would be a host synchronisation, which costs more than the scale.
+
+    One ``torch._foreach_mul_`` per dtype: ``grad.mul_(grad_out)`` with a 0-d CUDA tensor runs
+    PyTorch's generic (unvectorised) elementwise kernel — 1.35–1.48 TB/s on an H200 (bench/results/
+    kernel_sweep.jsonl), a third of the copy bandwidth — where the multi-tensor kernel reads the
+    scalar once and the operands with vector loads."""
     if grad_out.device.type == "cpu" and bool(grad_out == 1):
-        return grad
-    return grad.mul_(grad_out.to(grad.dtype))
+        return tuple(grads)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        if g is not None:
+            by_dtype.setdefault(g.dtype, []).append(g)
+    for dtype, group in by_dtype.items():
+        torch._foreach_mul_(group, grad_out.to(dtype))
+    return tuple(grads)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,7 +189,7 @@ class LinearKLFunction(torch.autograd.Function):
             dw = None if dw is None else dw.to(w.dtype)
             db = None if db is None else db.to(b.dtype)
         else:
-            dx, dw, db = (scaled(t, grad_out) for t in ctx.saved_tensors)
+            dx, dw, db = scaled(ctx.saved_tensors, grad_out)
         return None, dx, None, dw, None, db, None, None, None, None, None
 
 
@@ -205,7 +215,7 @@ class HiddenMSEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = tuple(scaled(g, grad_out) for g in ctx.saved_tensors)
+        grads = scaled(ctx.saved_tensors, grad_out)
         return (None, None, None, *grads, *([None] * ctx.L))
 
 
