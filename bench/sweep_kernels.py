@@ -2,9 +2,10 @@
 
 ``linear_kl``: fwd+bwd of ``fused_linear_kl(impl="triton")`` at one shape (default the issue's
 GPU target: N 8192, H 4096, V 128256, bf16, shared head) for several ``C:R`` geometries (rows per
-logits chunk : rows per gradient group; ``auto`` is :func:`triton_geometry`'s choice), trainable
-and frozen head. The configurations are timed round-robin (every repeat runs each once, so a
-drifting clock touches all alike) with CUDA events; gradients by ``torch.autograd.grad`` (nothing
+logits chunk : rows per gradient group; ``auto`` is :func:`triton_geometry`'s choice; ``:o`` with
+the row kernel on a second stream, ``OVERLAP``), trainable and frozen head. The configurations
+are timed round-robin (every repeat runs each once, so a drifting clock touches all alike) with
+CUDA events; gradients by ``torch.autograd.grad`` (nothing
 accumulated into ``.grad``); peak memory beyond the inputs per configuration. Then, for the
 ``profile`` geometries, one step under ``torch.profiler``: device time per aten op and input
 shapes (the logits, dX and dW GEMMs are told apart by their shapes) and per kernel.
@@ -39,9 +40,10 @@ class Options:
     """Which sweeps (comma-separated): linear_kl, hidden_mse."""
     shape: str = "8192,4096,128256"
     """N,H,V of the linear-KL sweep."""
-    configs: str = "auto,832:832,256:256,256:1024,256:2048,512:1024,512:2048,384:1536"
-    """Linear-KL geometries, ``C:R`` or ``auto``."""
-    profile: str = "auto,832:832"
+    configs: str = "auto,auto:o,832:832,256:1024,512:1024,512:2048,512:2048:o,384:1536"
+    """Linear-KL geometries: ``C:R`` or ``auto``, with ``:o`` the row kernel on a second stream
+    beside the next chunk's GEMM."""
+    profile: str = "auto,auto:o"
     """Geometries profiled per op and kernel (empty: none)."""
     hidden_shape: str = "32,8192,4096"
     """L,N,H of the hidden-MSE sweep."""
@@ -56,11 +58,17 @@ class Options:
     the timeline shows where the device waits between kernels."""
 
 
-def _geometry(spec: str) -> tuple[int | None, int | None]:
-    if spec == "auto":
-        return None, None
-    c, r = spec.split(":")
-    return int(c), int(r)
+def _geometry(spec: str) -> tuple[int | None, int | None, bool]:
+    """``auto``, ``C:R``, either with ``:o`` (the row kernel on a second stream) →
+    (C, R, overlap)."""
+    parts = spec.split(":")
+    overlap = parts[-1] == "o"
+    parts = parts[:-1] if overlap else parts
+    if parts == ["auto"]:
+        return None, None, overlap
+    if len(parts) != 2:
+        raise SystemExit(f"--configs: {spec!r} is not auto, C:R, auto:o or C:R:o")
+    return int(parts[0]), int(parts[1]), overlap
 
 
 def _sync() -> None:
@@ -120,13 +128,13 @@ def linear_kl_sweep(opt: Options, base: dict) -> list[dict]:
         wrt = [xs] if frozen else [xs, ws]
 
         def step(spec: str, xs=xs, ws=ws, wrt=wrt) -> None:
-            C, R = _geometry(spec)
-            lkt.GROUP_ROWS = R
+            C, R, overlap = _geometry(spec)
+            lkt.GROUP_ROWS, lkt.OVERLAP = R, overlap
             try:
                 loss = fused_linear_kl(xs, xt, ws, ws.detach(), impl="triton", chunk_rows=C)
                 torch.autograd.grad(loss, wrt)
             finally:
-                lkt.GROUP_ROWS = None
+                lkt.GROUP_ROWS, lkt.OVERLAP = None, False
 
         times: dict[str, list[float]] = {c: [] for c in configs}
         peaks = {}
@@ -139,11 +147,12 @@ def linear_kl_sweep(opt: Options, base: dict) -> list[dict]:
                 times[spec].append(_timed(lambda spec=spec: step(spec)))
         flops = 2.0 * N * V * H * (3 if frozen else 4)  # logits over [x̃; x] (2), dX, dW
         for spec in configs:
-            C, R = _geometry(spec)
+            C, R, overlap = _geometry(spec)
             C, R = lkt.triton_geometry(N, V, dtype, C, R)
             ms = statistics.median(times[spec])
             rows.append({**base, "op": "linear_kl", "shape": opt.shape, "frozen_head": frozen,
-                         "config": spec, "chunk_rows": C, "group_rows": R, "ms": ms,
+                         "config": spec, "chunk_rows": C, "group_rows": R, "overlap": overlap,
+                         "ms": ms,
                          "ms_all": times[spec], "tflops": flops / ms / 1e9,
                          "dw_mib": 0 if frozen else V * H * 4 / 2**20,
                          "peak_extra_mib": peaks[spec]})

@@ -42,14 +42,16 @@ values are converted to fp32 before any arithmetic (the interpreter computes wro
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import KLGrads, KLProblem, interpreting, launch
+from ._common import KLGrads, KLProblem, interpreting, is_recording, launch
 
 CHUNK_BUFFER_BYTES = 900 << 20
 """Bytes (to a tile row) of the Triton path's buffers: the [2C, V] fp32 logits of a chunk and the
@@ -59,6 +61,10 @@ LOGITS_SHARE = 0.25
 """Share of :data:`CHUNK_BUFFER_BYTES` for the logits chunk (the rest holds the gradient group)."""
 GROUP_ROWS: int | None = None
 """Rows per gradient group, overriding :func:`triton_geometry`'s choice (benchmarks sweep it)."""
+OVERLAP = False
+"""Run the row kernel on a second CUDA stream beside the next chunk's logits GEMM (two logits
+buffers: one more [2C, V] fp32). Off until a GPU run shows it pays (``bench/sweep_kernels.py``
+sweeps it: a ``:o`` geometry)."""
 INT32_LIMIT = 2**31
 
 
@@ -349,6 +355,48 @@ def triton_chunk_rows(N: int, V: int, dtype: torch.dtype) -> int:
     return triton_geometry(N, V, dtype)[0]
 
 
+class _Lanes:
+    """Where the row kernel runs. Off: on the current stream, one logits buffer. On (CUDA,
+    :data:`OVERLAP`, more than one chunk): on a side stream, so that chunk i's row kernel (memory
+    bound) runs beside chunk i+1's logits GEMM (compute bound), with two logits buffers; events
+    order each buffer's GEMM after the row kernel that last read it, each row kernel after its
+    GEMM and after the previous group's dX/dW GEMMs (which read g), and the group's GEMMs after
+    its row kernels. Without CUDA the two buffers alternate and nothing else changes (the CPU
+    tests check the buffering)."""
+
+    def __init__(self, on: bool, device: torch.device):
+        self.buffers = 2 if on else 1
+        self.cuda = on and device.type == "cuda" and not is_recording()
+        self.main = torch.cuda.current_stream(device) if self.cuda else None
+        self.side = _side_stream(device) if self.cuda else None
+        self.read: list = [None, None]  # per buffer: the event after its last row kernel
+
+    def before_gemm(self, k: int) -> None:
+        if self.cuda and self.read[k] is not None:
+            self.main.wait_event(self.read[k])
+
+    @contextlib.contextmanager
+    def rows(self, k: int) -> Iterator[None]:
+        if not self.cuda:
+            yield
+            return
+        # after this chunk's GEMM and everything before it (the last group's dX/dW, which read g)
+        self.side.wait_stream(self.main)
+        with torch.cuda.stream(self.side):
+            yield
+            self.read[k] = torch.cuda.Event()
+            self.read[k].record(self.side)
+
+    def join(self) -> None:
+        if self.cuda:
+            self.main.wait_stream(self.side)
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
 def _triton_pass(prob: KLProblem, row_w_N: torch.Tensor, want_dx: bool, want_dw: bool,
                  want_db: bool) -> KLGrads:
     """Per-row losses [N] (fp32) and, as asked, dx [N, H], fp32 dW [V, H] and db [V]."""
@@ -361,7 +409,10 @@ def _triton_pass(prob: KLProblem, row_w_N: torch.Tensor, want_dx: bool, want_dw:
     # the same head for both sides: one GEMM over [x̃; x] into one [2C, V] buffer per chunk
     shared = wt_VHt is w_VH and bt_V is b_V and xt_NHt.dtype == x_NH.dtype
     loss_N = torch.empty(N, device=dev, dtype=torch.float32)
-    z_2CV = torch.empty((2 * min(C, N), V), device=dev, dtype=torch.float32)
+    # two logits buffers when the row kernel overlaps the next chunk's GEMM, else one
+    lanes = _Lanes(OVERLAP and N > C, dev)
+    z_bufs = [torch.empty((2 * min(C, N), V), device=dev, dtype=torch.float32)
+              for _ in range(lanes.buffers)]
     # g of a whole group, in the GEMM operands' dtype (over the student logits: fp32, R = C)
     own_g = want_grad and (R > C or x_NH.dtype != torch.float32)
     g_RV = torch.empty((min(R, N), V), device=dev, dtype=x_NH.dtype) if own_g else None
@@ -371,11 +422,16 @@ def _triton_pass(prob: KLProblem, row_w_N: torch.Tensor, want_dx: bool, want_dw:
     # no softcap: z = scale/T · (x·Wᵀ + b) straight from the GEMM; with one: u = scale · (…)
     alpha = spec.scale / spec.temperature if spec.plain else spec.scale
     block_v, warps = rows_config(V)
+    chunk_index = 0
     for r0 in range(0, N, R):
         group = min(R, N - r0)
         for c0 in range(r0, r0 + group, C):
             rows = min(C, r0 + group - c0)
+            k = chunk_index % lanes.buffers
+            chunk_index += 1
+            z_2CV = z_bufs[k]
             t_CV, s_CV = z_2CV[:rows], z_2CV[rows:2 * rows]
+            lanes.before_gemm(k)  # the row kernel that last read this buffer is done
             if shared:
                 _gemm(torch.cat([xt_NHt[c0:c0 + rows], x_NH[c0:c0 + rows]]), w_VH.T,
                       z_2CV[:2 * rows], alpha=alpha, bias=b_V)
@@ -383,15 +439,17 @@ def _triton_pass(prob: KLProblem, row_w_N: torch.Tensor, want_dx: bool, want_dw:
                 _gemm(xt_NHt[c0:c0 + rows], wt_VHt.T, t_CV, alpha=alpha, bias=bt_V)
                 _gemm(x_NH[c0:c0 + rows], w_VH.T, s_CV, alpha=alpha, bias=b_V)
             g_rows = s_CV if g_RV is None else g_RV[c0 - r0:c0 - r0 + rows]
-            launch(_kl_rows_kernel, (rows,),
-                   s_CV, t_CV, g_rows, loss_N[c0:], row_w_N[c0:],
-                   V, s_CV.stride(0), t_CV.stride(0), g_rows.stride(0),
-                   spec.softcap or 1.0, 1.0 / spec.temperature, spec.temperature**2,
-                   spec.temperature * spec.scale,
-                   SOFTCAP=not spec.plain, WRITE_GRAD=want_grad, BLOCK_V=block_v,
-                   num_warps=warps)
+            with lanes.rows(k):
+                launch(_kl_rows_kernel, (rows,),
+                       s_CV, t_CV, g_rows, loss_N[c0:], row_w_N[c0:],
+                       V, s_CV.stride(0), t_CV.stride(0), g_rows.stride(0),
+                       spec.softcap or 1.0, 1.0 / spec.temperature, spec.temperature**2,
+                       spec.temperature * spec.scale,
+                       SOFTCAP=not spec.plain, WRITE_GRAD=want_grad, BLOCK_V=block_v,
+                       num_warps=warps)
         if not want_grad:
             continue
+        lanes.join()  # every row kernel of the group has written its g
         g = z_2CV[group:2 * group] if g_RV is None else g_RV[:group]  # R = C without g_RV
         if want_dx:  # g is in the weight's dtype (x and W share it: checked by the dispatcher)
             _gemm(g, w_VH, dx_NH[r0:r0 + group])
@@ -399,6 +457,7 @@ def _triton_pass(prob: KLProblem, row_w_N: torch.Tensor, want_dx: bool, want_dw:
             _gemm(g.T, x_NH[r0:r0 + group], dw_VH, accumulate=r0 > 0)
         if want_db:
             db_V += g.float().sum(0)
+    lanes.join()  # the losses are written
     if want_dw and N == 0:
         dw_VH.zero_()
     return KLGrads(loss_N, dx_NH, dw_VH, db_V)

@@ -22,15 +22,16 @@ def _run(script: str, *args: str, interpret: bool) -> subprocess.CompletedProces
 
 def test_sweep_times_every_geometry_and_profiles(tmp_path):
     out, trace = tmp_path / "sweep.jsonl", tmp_path / "trace.json"
-    proc = _run("bench/sweep_kernels.py", "--shape", "40,16,300", "--configs", "auto,16:32",
-                "--profile", "16:32", "--hidden_shape", "2,10,64", "--warps", "2,4",
+    proc = _run("bench/sweep_kernels.py", "--shape", "40,16,300", "--configs", "auto,16:32:o",
+                "--profile", "16:32:o", "--hidden_shape", "2,10,64", "--warps", "2,4",
                 "--repeats", "2", "--out", str(out), "--trace", str(trace), interpret=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     sweep = [r for r in rows if r["op"] == "linear_kl"]
-    assert [(r["frozen_head"], r["config"], r["chunk_rows"], r["group_rows"]) for r in sweep] == [
-        (False, "auto", 40, 40), (False, "16:32", 16, 32),
-        (True, "auto", 40, 40), (True, "16:32", 16, 32)]
+    assert [(r["frozen_head"], r["config"], r["chunk_rows"], r["group_rows"], r["overlap"])
+            for r in sweep] == [
+        (False, "auto", 40, 40, False), (False, "16:32:o", 16, 32, True),
+        (True, "auto", 40, 40, False), (True, "16:32:o", 16, 32, True)]
     assert all(len(r["ms_all"]) == 2 and r["ms"] > 0 for r in sweep)
     profiles = [r for r in rows if r["op"] == "linear_kl_profile"]
     assert len(profiles) == 2 and all("failed" not in r and r["step_ms"] > 0 for r in profiles)

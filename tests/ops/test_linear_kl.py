@@ -189,15 +189,18 @@ def test_logit_transform_and_bias_against_fp64_truth(dtype, impl):
     assert abs(plain.item() - truth[0].item()) > 1e-2 * truth[0].item()
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-stream", "overlap"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", [dict(N=41, H=40, V=1271), dict(N=33, H=24, V=500, Ht=40)],
                          ids=["shared", "separate"])
-def test_gradient_groups_against_fp64_truth(monkeypatch, case, dtype):
+def test_gradient_groups_against_fp64_truth(monkeypatch, case, dtype, overlap):
     """The Triton pass with chunks of 6 rows in groups of 18 (41 = 18 + 18 + 5: a partial last
-    group, a partial chunk inside it): dX and dW once per group, g in a group buffer."""
+    group, a partial chunk inside it): dX and dW once per group, g in a group buffer — also with
+    the row kernel overlapping the next GEMM (two logits buffers; on a GPU, a second stream)."""
     from rdcore.kernels import linear_kl_triton as lkt
 
     monkeypatch.setattr(lkt, "GROUP_ROWS", 18)
+    monkeypatch.setattr(lkt, "OVERLAP", overlap)
     x, xt, w, wt = make(**case, scale=2.0)
     N = x.shape[0]
     mask = torch.rand(N, generator=torch.Generator().manual_seed(5)) > 0.3
@@ -209,6 +212,22 @@ def test_gradient_groups_against_fp64_truth(monkeypatch, case, dtype):
                wt, dtype, grad_out, **kw)
     for name, o, t, p in zip(("value", "dx", "dw"), ours, truth, same):
         assert err(o, t) <= err(p, t) + TOL[dtype], (name, err(o, t), err(p, t))
+
+
+def test_overlap_with_the_gradient_over_the_student_logits(monkeypatch):
+    """fp32 with one chunk per group: g is written over the student logits, in whichever of the
+    two logits buffers the chunk used — dX and dW must read that one."""
+    from rdcore.kernels import linear_kl_triton as lkt
+
+    monkeypatch.setattr(lkt, "OVERLAP", True)
+    x, xt, w, wt = make(N=23, H=24, V=301, scale=2.0)
+    grad_out = torch.tensor(0.8)
+    truth = run(linear_kl_reference, x, xt, w, wt, torch.float64, grad_out, temperature=1.1)
+    same = run(linear_kl_reference, x, xt, w, wt, torch.float32, grad_out, temperature=1.1)
+    ours = run(lambda *a, **k: fused_linear_kl(*a, impl="triton", chunk_rows=5, **k), x, xt, w,
+               wt, torch.float32, grad_out, temperature=1.1)
+    for name, o, t, p in zip(("value", "dx", "dw"), ours, truth, same):
+        assert err(o, t) <= err(p, t) + TOL[torch.float32], (name, err(o, t), err(p, t))
 
 
 def test_chunk_geometry_follows_the_problem():
