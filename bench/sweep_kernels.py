@@ -142,9 +142,13 @@ def linear_kl_sweep(opt: Options, base: dict) -> list[dict]:
             before = _memory(reset=True)
             step(spec)
             peaks[spec] = max(_memory() - before, 0) / 2**20
+        stats: dict[str, dict[str, int]] = {c: {} for c in configs}
         for _ in range(opt.repeats):
             for spec in configs:
+                before = _allocator_counts()
                 times[spec].append(_timed(lambda spec=spec: step(spec)))
+                for key, n in _allocator_counts().items():  # cudaMalloc/cudaFree inside a step
+                    stats[spec][key] = stats[spec].get(key, 0) + n - before.get(key, 0)
         flops = 2.0 * N * V * H * (3 if frozen else 4)  # logits over [x̃; x] (2), dX, dW
         for spec in configs:
             C, R, overlap = _geometry(spec)
@@ -155,7 +159,8 @@ def linear_kl_sweep(opt: Options, base: dict) -> list[dict]:
                          "ms": ms,
                          "ms_all": times[spec], "tflops": flops / ms / 1e9,
                          "dw_mib": 0 if frozen else V * H * 4 / 2**20,
-                         "peak_extra_mib": peaks[spec]})
+                         "peak_extra_mib": peaks[spec], "allocator": stats[spec],
+                         "host_syncs": _host_syncs(lambda spec=spec: step(spec))})
         for i, spec in enumerate(p for p in opt.profile.split(",") if p):
             trace = Path(opt.trace) if opt.trace and i == 0 and not frozen else None
             try:
@@ -165,6 +170,38 @@ def linear_kl_sweep(opt: Options, base: dict) -> list[dict]:
             rows.append({**base, "op": "linear_kl_profile", "shape": opt.shape,
                          "frozen_head": frozen, "config": spec, **found})
     return rows
+
+
+def _allocator_counts() -> dict[str, int]:
+    """The caching allocator's device allocations, frees and retries so far (empty on a CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: stats.get(k, 0) for k in ("num_device_alloc", "num_device_free",
+                                         "num_alloc_retries")}
+
+
+def _host_syncs(fn) -> list[str]:
+    """Where one call of ``fn`` makes the host wait for the device (``torch.cuda``'s sync debug
+    mode, which warns at each synchronising call): the first few warnings."""
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    _sync()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    _sync()
+    return [str(w.message)[:200] for w in seen if "synchroniz" in str(w.message)][:5]
 
 
 def _device():
