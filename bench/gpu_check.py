@@ -1,5 +1,5 @@
 """The whole GPU path on one H100/H200, in at most 8 minutes (``make gpu-check``; on an H200 the
-steps took 0–170 s each, 7–8 minutes together with the installs).
+steps took 0–170 s each; the first run, all of them with the installs, 6.7 minutes).
 
 Steps, in this order (each in its own process, with its own time limit; a failing step does not
 stop the others):
