@@ -53,6 +53,9 @@ STEPS = ("env", "kernel_tests", "module", "bench_kernels", "sweep", "prefix_atte
          "train_tiny", "train_rulebook", "train_smollm2")
 """In the order they run: the correctness checks, then the kernel benchmark (the figures issue 18
 waits for), then the rest — under a deadline the first ones are the ones that must not be lost."""
+BENCH_PARTS = ("linear_kl", "frozen", "hidden_mse")
+"""What ``bench_kernels`` can run (``--bench``): the trainable and frozen-head linear KL, the
+hidden MSE."""
 
 
 @dataclass
@@ -61,7 +64,7 @@ class Options:
     """Comma-separated steps to run (default: all)."""
     out: str = str(OUT)
     """Where the rows go (each appended as soon as its step ends)."""
-    bench: str = "linear_kl,frozen,hidden_mse"
+    bench: str = ",".join(BENCH_PARTS)
     """What ``bench_kernels`` runs: the trainable-head and frozen-head linear KL, the hidden MSE."""
     bench_providers: str = ""
     """The linear-KL providers of ``bench_kernels`` (default: every one, Liger's included)."""
@@ -187,7 +190,7 @@ IN_PROCESS = {"env": step_env, "module": step_module, "prefix_attention": step_p
 TRACE = ROOT / "runs" / "gpu_check" / "trace_linear_kl.json"
 """The sweep's Chrome trace of one linear-KL step (copied to ``$OUT``)."""
 LOG = ROOT / "runs" / "gpu_check" / "log.txt"
-"""Every child's whole output, appended (``bench/gpu_check.sh`` copies it to ``$OUT``)."""
+"""Every child's whole output, appended (:class:`Exporter` copies it to ``$OUT``)."""
 
 
 def run_child(cmd: list[str], timeout: float, env: dict | None = None,
@@ -313,10 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(steps) - set(STEPS))
     if unknown:
         raise SystemExit(f"--only: unknown step(s) {', '.join(unknown)}; choose from {STEPS}")
-    parts = ("linear_kl", "frozen", "hidden_mse")
-    unknown = sorted({p for p in opt.bench.split(",") if p} - set(parts))
+    unknown = sorted({p for p in opt.bench.split(",") if p} - set(BENCH_PARTS))
     if unknown:
-        raise SystemExit(f"--bench: unknown part(s) {', '.join(unknown)}; choose from {parts}")
+        raise SystemExit(f"--bench: unknown part(s) {', '.join(unknown)}; choose from {BENCH_PARTS}")
     export = Exporter([Path(opt.out), RESULTS / "kernels.jsonl", RESULTS / "kernel_sweep.jsonl"])
     runs = ROOT / "runs" / "gpu_check"
     LOG.unlink(missing_ok=True)  # this run's children only

@@ -350,11 +350,6 @@ def triton_geometry(N: int, V: int, dtype: torch.dtype, chunk_rows: int | None =
     return C, R
 
 
-def triton_chunk_rows(N: int, V: int, dtype: torch.dtype) -> int:
-    """Rows per logits chunk (:func:`triton_geometry`'s C)."""
-    return triton_geometry(N, V, dtype)[0]
-
-
 class _Lanes:
     """Where the row kernel runs. Off: on the current stream, one logits buffer. On (CUDA,
     :data:`OVERLAP`, more than one chunk): on a side stream, so that chunk i's row kernel (memory
