@@ -20,10 +20,12 @@ dW and db are accumulated in fp32 and cast once; dX is written in x's dtype.
 
 Chunked path (gradient in the forward pass: per chunk the teacher and student logits — one GEMM over
 ``[x̃; x]`` when the weight is shared — then dX and dW, four GEMMs' worth of work): the chunk size C
-comes from the problem (:func:`torch_chunk_rows`): large enough that the ``dW += gᵀ·x`` update, a
-GEMM with inner dimension C, is compute-bound, small enough that the [C, V] logit buffers stay
-below the size of the weight, which is allocated anyway. The element-wise work (log-softmax, KL,
-gradient) runs R rows at a time so that its buffers stay in the processor's cache. The first chunk
+comes from the problem (:func:`torch_chunk_rows`): large enough that the GEMMs run at their best
+(the ``dW += gᵀ·x`` update, a GEMM with inner dimension C, compute-bound), no larger, so that the
+[2C, V] logit buffer stays small beside the fp32 dW the op returns; a small problem is cut into a
+few chunks when its buffer would be a large part of the op's memory. The element-wise work
+(log-softmax, KL, gradient) runs R rows at a time so that its buffers stay in the processor's
+cache. The first chunk
 writes dW (no zero-fill). The mask is applied as row weights (no host synchronisation).
 """
 
@@ -37,28 +39,28 @@ from ._common import KLGrads, KLProblem, LogitSpec, reduce_rows
 BLOCK_ELEMENTS = 1 << 19
 """Elements of one [R, V] block of the element-wise work (2 MiB in fp32: a few live buffers of
 this size stay in a server processor's L2/L3 cache)."""
-MIN_CHUNK_ROWS = 256
-"""The dW update ``gᵀ·x`` has inner dimension C: below ~256 a CPU GEMM is bound by the
-read-modify-write of the fp32 dW ([V, H]), above it by arithmetic."""
-MAX_CHUNK_ROWS = 512
-"""Beyond ~512 rows (a logits GEMM of 2·C = 1024 rows) a CPU GEMM gains nothing more, while the
-[2C, V] logit buffer keeps growing (measured on the project's 2-core machine: 98, 122, 140, 133
-GFLOP/s for 256, 512, 1024, 2048 rows at H 512, V 32000)."""
-SPLIT_ROWS = 128
-"""A problem that fits one chunk may still be cut in two when each half keeps this many rows: one
-chunk holds every logit at once (the naive footprint), two halve that buffer for one more
-read-modify-write of dW and two more, smaller GEMMs (see :data:`SPLIT_SAVING`)."""
+CHUNK_ROWS = 256
+"""Rows per chunk: where the CPU GEMMs stop gaining (the logits GEMM over ``[x̃; x]`` then has
+2C = 512 rows, the ``dW += gᵀ·x`` update an inner dimension of C; its read-modify-write of the
+fp32 dW, 8·V·H bytes per chunk against 8·C·V·H FLOPs, is then far below the machine's balance).
+Measured on the project's 2-core machine (one process per shape, the chunk sizes alternated 4
+times, medians of the per-alternation ratios to 512 rows): 384 rows 0.91–1.04×, 256 rows
+0.94–1.03×, 128 rows 1.04–1.16× (1024×2048×32000, 1024×512×128256, 4096×512×32000). The smallest
+size at the GEMMs' best is taken: the [2C, V] fp32 logit buffer is the op's largest allocation
+besides dW, half of what 512 rows held."""
+SPLIT_ROWS = 80
+"""A problem that fits one chunk (N ≤ :data:`CHUNK_ROWS`) is still cut into as many chunks as keep
+this many rows each (256 → 3 chunks of 86), when that saves memory that matters
+(:data:`SPLIT_SAVING`): one chunk holds every logit at once (the naive footprint); each further chunk
+costs one more read-modify-write of dW and smaller GEMMs. Measured at 256×512×262144 (5
+alternations): 86 rows 1.02× the time of 128, 64 rows 1.14×."""
 SPLIT_SAVING = 0.2
-"""...and only when halving the logit buffer saves at least this fraction of the op's own memory
-(the fp32 dW, unless the head is frozen, plus the [2N, V] buffer): the split costs time. Measured
-on the project's 2-core machine, one process per shape, the two chunkings and naive alternated
-(5 or 3 times each, medians): one chunk of 256 rows against two of 128 — 1.66 vs 1.84 s at H 2048,
-V 32000; 7.69 vs 9.33 s at H 2048, V 128256; 0.63 vs 0.69 s at H 512, V 32000; 2.34 vs 2.61 s at
-H 512, V 128256. At H 2048 the split saves 10 % of the footprint (one chunk: 10–18 % faster); at
-H 512 it saves 25 % (kept: half of Liger's peak memory is the target there)."""
-WEIGHT_MULTIPLE = 2
-"""The logit buffer may be at most this many times the head weight (allocated anyway, and its
-fp32 gradient as large): memory stays proportional to the problem's own."""
+"""...the split is made only when halving the logit buffer would save at least this fraction of the
+op's own memory (the fp32 dW, unless the head is frozen, plus the [2N, V] buffer). Measured on the
+project's 2-core machine, one process per shape, the two chunkings and naive alternated (5 or 3
+times each, medians): one chunk of 256 rows against two of 128 — 1.66 vs 1.84 s at H 2048, V 32000;
+7.69 vs 9.33 s at H 2048, V 128256. At H 2048 the split saves 10 % of the footprint and is not made;
+at H 512 it saves 25 %."""
 UPCAST_BLOCK_BYTES = 64 << 20
 """fp32 copy of a low-precision weight, made this many bytes at a time."""
 
@@ -99,19 +101,17 @@ def linear_kl_reference(student_hidden: torch.Tensor, teacher_hidden: torch.Tens
 # Chunked PyTorch path
 # --------------------------------------------------------------------------------------------------
 def torch_chunk_rows(N: int, V: int, H: int, itemsize: int, want_dw: bool = True) -> int:
-    """Rows per chunk of the chunked path, from the problem: :data:`MAX_CHUNK_ROWS` (GEMMs at
-    their best), fewer if the two fp32 [C, V] logit buffers would exceed :data:`WEIGHT_MULTIPLE`
-    times the weight [V, H] — but never below :data:`MIN_CHUNK_ROWS` (a compute-bound dW update)
-    — then evened out over the chunks N needs (no small last chunk); N that fits one chunk is
-    halved when the halves keep :data:`SPLIT_ROWS` rows and halving saves
-    :data:`SPLIT_SAVING` of the op's memory, else taken whole."""
-    by_weight = WEIGHT_MULTIPLE * V * H * max(itemsize, 4) // (2 * 4 * max(V, 1))
-    most = max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, by_weight))
-    if N <= most:
-        footprint = 2 * N * V + (V * H if want_dw else 0)  # fp32 elements: [2N, V] buffer, dW
-        split = N >= 2 * SPLIT_ROWS and N * V >= SPLIT_SAVING * footprint
-        return -(-N // 2) if split else max(N, 1)
-    return -(-N // -(-N // most))
+    """Rows per chunk of the chunked path, from the problem: :data:`CHUNK_ROWS` (the GEMMs at their
+    best), evened out over the chunks N needs (no small last chunk); N that fits one chunk is cut
+    into chunks of at least :data:`SPLIT_ROWS` rows where halving the logit buffer would save
+    :data:`SPLIT_SAVING` of the op's memory, else taken whole. (``V``, ``H``, ``itemsize``: the
+    memory the op holds anyway, fp32 dW of [V, H] with a trainable head.)"""
+    del itemsize  # dW and the logit buffers are fp32 whatever the operands' dtype
+    if N > CHUNK_ROWS:
+        return -(-N // -(-N // CHUNK_ROWS))
+    footprint = 2 * N * V + (V * H if want_dw else 0)  # fp32 elements: [2N, V] buffer, dW
+    pieces = N // SPLIT_ROWS if N * V >= SPLIT_SAVING * footprint else 1
+    return -(-N // max(pieces, 1)) if N else 1
 
 
 def _upcast_blocks(w_VH: torch.Tensor):

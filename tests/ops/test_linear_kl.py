@@ -231,24 +231,25 @@ def test_overlap_with_the_gradient_over_the_student_logits(monkeypatch):
 
 
 def test_chunk_geometry_follows_the_problem():
-    from rdcore.kernels.linear_kl_torch import MAX_CHUNK_ROWS, MIN_CHUNK_ROWS, torch_chunk_rows
+    from rdcore.kernels.linear_kl_torch import CHUNK_ROWS, torch_chunk_rows
     from rdcore.kernels.linear_kl_triton import CHUNK_BUFFER_BYTES, triton_geometry
 
-    # CPU: GEMMs at their best (512 rows), within twice the weight's bytes, never below 256 rows
-    # (a compute-bound dW update), evened out over the chunks
-    assert torch_chunk_rows(1024, 262144, 640, 4) == MAX_CHUNK_ROWS
-    assert torch_chunk_rows(4096, 32000, 2048, 4) == MAX_CHUNK_ROWS
-    assert torch_chunk_rows(8192, 128256, 64, 4) == MIN_CHUNK_ROWS  # a small H: the floor
-    assert torch_chunk_rows(4096, 32000, 400, 4) == 373  # 2·C·V·4 B ≤ 2 · V·H·4 B: 11 chunks
-    assert torch_chunk_rows(5000, 32000, 512, 4) == 500  # 10 even chunks, not 9 + 392 rows
-    assert torch_chunk_rows(100, 32000, 512, 4) == 100  # small: one chunk
-    # fits one chunk: halved where that saves ≥ SPLIT_SAVING of the memory (the buffer against dW)
-    assert torch_chunk_rows(256, 128256, 512, 4) == 128  # saves 25 %
-    assert torch_chunk_rows(300, 32000, 600, 4) == 150  # 25 %
-    assert torch_chunk_rows(300, 32000, 1024, 4) == 300  # 18 %
+    # CPU: the GEMMs at their best (256 rows) whatever H and V, evened out over the chunks
+    assert torch_chunk_rows(1024, 262144, 640, 4) == CHUNK_ROWS
+    assert torch_chunk_rows(4096, 32000, 2048, 4) == CHUNK_ROWS
+    assert torch_chunk_rows(8192, 128256, 64, 2) == CHUNK_ROWS
+    assert torch_chunk_rows(5000, 32000, 512, 4) == 250  # 20 even chunks, not 19 + 136 rows
+    assert torch_chunk_rows(300, 32000, 600, 4) == 150
+    # fits one chunk: cut into chunks of >= 80 rows where halving the buffer would save
+    # >= SPLIT_SAVING of the op's memory (the [2N, V] buffer against the fp32 dW)
+    assert torch_chunk_rows(256, 262144, 512, 4) == 86  # halving saves 25 %: 3 chunks
+    assert torch_chunk_rows(256, 128256, 512, 4) == 86
+    assert torch_chunk_rows(200, 32000, 512, 4) == 100  # 2 chunks of >= 80 rows
+    assert torch_chunk_rows(240, 32000, 1024, 4) == 240  # 16 %: one chunk
     assert torch_chunk_rows(256, 32000, 2048, 4) == 256  # 10 %: one chunk, 10-18 % faster
-    assert torch_chunk_rows(256, 32000, 2048, 4, want_dw=False) == 128  # no dW: saves half
-    assert torch_chunk_rows(200, 32000, 512, 4) == 200  # halves below SPLIT_ROWS
+    assert torch_chunk_rows(256, 32000, 2048, 4, want_dw=False) == 86  # no dW: saves half
+    assert torch_chunk_rows(150, 32000, 512, 4) == 150  # halves below SPLIT_ROWS
+    assert torch_chunk_rows(0, 32000, 512, 4) == 1
     # Triton: logits chunk and gradient group within the buffer budget, evened out, C a multiple
     # of 64 and R of C
     for N, V in [(8192, 128256), (1024, 262144), (5000, 128256), (100000, 262144)]:
