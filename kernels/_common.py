@@ -89,13 +89,71 @@ class KLProblem(NamedTuple):
     """Rows per chunk (``None``: the path chooses from the problem's shape)."""
 
 
+class WeightGrad:
+    """The fp32 (fp64 for fp64 operands) dW [V, H] accumulator of a pass, held as row pieces so that
+    its cast to a 2-byte weight dtype needs no second [V, H] allocation.
+
+    For a bf16/fp16 weight the accumulator is two pieces, the first of ⌈V/2⌉ rows or a few more (a
+    multiple of 64), the second of the rest; the first one's storage (≥ V·H·2 bytes) holds the
+    whole [V, H] result in the 2-byte dtype. :meth:`result` writes the first piece's values over
+    the front half of its own storage (slabs that double in size, each read before anything writes
+    over it: slab [a, b) is written to bytes [2a, 2b) and was read from [4a, 4b), so with b ≤ 2a
+    the write only covers slabs already converted; the first slab goes through a small
+    temporary), then the second piece's after them, and frees the second
+    piece. Peak: the fp32 accumulator, never fp32 + bf16 together (on an H200 at V 128256,
+    H 4096 the cast at the end of the forward held 2004 + 1002 MiB). For an fp32 (fp64) weight the
+    accumulator is one piece and is the result itself.
+
+    The pass writes each piece with ``GEMM(g[:, v0:v0+n]ᵀ, x)``: :attr:`pieces` gives ``(v0,
+    piece)``; the first update writes (no zero-fill), the later ones accumulate."""
+
+    FIRST_SLAB = 1 << 20
+    """Elements of the first slab (converted through a temporary of this many 2-byte elements)."""
+
+    def __init__(self, V: int, H: int, *, device: torch.device, acc_dtype: torch.dtype,
+                 out_dtype: torch.dtype):
+        self.V, self.H, self.out_dtype = V, H, out_dtype
+        first = -(-V // 128) * 64  # ⌈V/2⌉ rounded up to 64 rows: aligned pieces
+        split = first < V and out_dtype.itemsize == 2 and acc_dtype == torch.float32
+        rows = [first, V - first] if split else [V]
+        self.pieces: list[tuple[int, torch.Tensor]] = []
+        v0 = 0
+        for n in rows:
+            self.pieces.append((v0, torch.empty((n, H), device=device, dtype=acc_dtype)))
+            v0 += n
+
+    def zero_(self) -> WeightGrad:
+        for _, piece in self.pieces:
+            piece.zero_()
+        return self
+
+    def result(self) -> torch.Tensor:
+        """dW [V, H] in the weight's dtype; the pieces are consumed (do not use them after)."""
+        pieces, self.pieces = self.pieces, []
+        if len(pieces) == 1:
+            return pieces[0][1].to(self.out_dtype)
+        (_, first), (_, second) = pieces
+        src = first.view(-1)
+        out = src.view(self.out_dtype)[: self.V * self.H]  # 2 elements per fp32 element
+        n, a = src.numel(), min(self.FIRST_SLAB, src.numel())
+        out[:a].copy_(src[:a].to(self.out_dtype))  # overlaps its own source: via a temporary
+        while a < n:
+            b = min(2 * a, n)
+            out[a:b].copy_(src[a:b])  # bytes [2a, 2b) lie below the source's [4a, 4b)
+            a = b
+        out[n:].copy_(second.view(-1))
+        del first, second, pieces
+        return out.view(self.V, self.H)
+
+
 class KLGrads(NamedTuple):
-    """What a pass returns: per-row losses [N] (fp32) and, as asked, dX [N, H] (x's dtype), and
-    fp32 dW [V, H] and db [V] of Σ_n w_n ℓ_n."""
+    """What a pass returns: per-row losses [N] (fp32) and, as asked, dX [N, H] (x's dtype), dW of
+    Σ_n w_n ℓ_n as its fp32 accumulator (:class:`WeightGrad`; its ``result()`` is the weight's
+    dtype) and fp32 db [V]."""
 
     loss: torch.Tensor
     dx: torch.Tensor | None
-    dw: torch.Tensor | None
+    dw: WeightGrad | None
     db: torch.Tensor | None
 
 
@@ -175,7 +233,7 @@ class LinearKLFunction(torch.autograd.Function):
             return out.loss * row_w
         row_w = row_weights(mask, N, reduction, x.device)
         out = run_pass(prob, row_w, *want)
-        ctx.save_for_backward(out.dx, None if out.dw is None else out.dw.to(w.dtype),
+        ctx.save_for_backward(out.dx, None if out.dw is None else out.dw.result(),
                               None if out.db is None else out.db.to(b.dtype))
         return (out.loss * row_w).sum()
 
@@ -186,7 +244,7 @@ class LinearKLFunction(torch.autograd.Function):
             out = ctx.run_pass(KLProblem(x, xt, w, wt, b, bt, ctx.spec, ctx.chunk_rows),
                                row_w * grad_out.float(), *ctx.want)
             dx, dw, db = out.dx, out.dw, out.db
-            dw = None if dw is None else dw.to(w.dtype)
+            dw = None if dw is None else dw.result()
             db = None if db is None else db.to(b.dtype)
         else:
             dx, dw, db = scaled(ctx.saved_tensors, grad_out)

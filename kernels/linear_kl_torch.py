@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import KLGrads, KLProblem, LogitSpec, reduce_rows
+from ._common import KLGrads, KLProblem, LogitSpec, WeightGrad, reduce_rows
 
 BLOCK_ELEMENTS = 1 << 19
 """Elements of one [R, V] block of the element-wise work (2 MiB in fp32: a few live buffers of
@@ -179,7 +179,8 @@ def _chunked_pass(prob: KLProblem, row_w_N: torch.Tensor, want_dx: bool, want_dw
     want_grad = want_dx or want_dw or want_db
     loss_N = x_NH.new_empty(N, dtype=acc)
     dx_NH = torch.empty_like(x_NH) if want_dx else None
-    dw_VH: torch.Tensor | None = None
+    dw = WeightGrad(V, H, device=x_NH.device, acc_dtype=acc, out_dtype=w_VH.dtype) \
+        if want_dw else None
     db_V = x_NH.new_zeros(V, dtype=acc) if want_db else None
     z_2CV = x_NH.new_empty((2 * min(C, N), V), dtype=acc)
     for c0 in range(0, N, C):
@@ -209,14 +210,16 @@ def _chunked_pass(prob: KLProblem, row_w_N: torch.Tensor, want_dx: bool, want_dw
                     for v0, w_block in _upcast_blocks(w_VH):
                         dx_CH.addmm_(g_CV[:, v0:v0 + w_block.shape[0]], w_block)
                     dx_NH[c0:c1] = dx_CH.to(x_NH.dtype)
-            if want_dw:
+            if want_dw:  # the first chunk writes dW (no zero-fill), the others add to it
                 x_acc = x_CH.to(acc)
-                if dw_VH is None:  # the first chunk writes dW: no zero-fill
-                    dw_VH = g_CV.T @ x_acc
-                else:
-                    dw_VH.addmm_(g_CV.T, x_acc)
+                for v0, dw_piece in dw.pieces:
+                    g_piece = g_CV[:, v0:v0 + dw_piece.shape[0]].T
+                    if c0 == 0:
+                        torch.mm(g_piece, x_acc, out=dw_piece)
+                    else:
+                        dw_piece.addmm_(g_piece, x_acc)
             if want_db:
                 db_V += g_CV.sum(0)
-    if want_dw and dw_VH is None:  # no rows
-        dw_VH = w_VH.new_zeros((V, H), dtype=acc)
-    return KLGrads(loss_N.float() if acc == torch.float32 else loss_N, dx_NH, dw_VH, db_V)
+    if want_dw and N == 0:  # no rows
+        dw.zero_()
+    return KLGrads(loss_N.float() if acc == torch.float32 else loss_N, dx_NH, dw, db_V)

@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KLGrads, KLProblem, interpreting, is_recording, launch
+from ._common import KLGrads, KLProblem, WeightGrad, interpreting, is_recording, launch
 
 CHUNK_BUFFER_BYTES = 900 << 20
 """Bytes (to a tile row) of the Triton path's buffers: the [2C, V] fp32 logits of a chunk and the
@@ -412,7 +412,8 @@ def _triton_pass(prob: KLProblem, row_w_N: torch.Tensor, want_dx: bool, want_dw:
     own_g = want_grad and (R > C or x_NH.dtype != torch.float32)
     g_RV = torch.empty((min(R, N), V), device=dev, dtype=x_NH.dtype) if own_g else None
     dx_NH = torch.empty_like(x_NH) if want_dx else None
-    dw_VH = torch.empty((V, H), device=dev, dtype=torch.float32) if want_dw else None
+    dw = WeightGrad(V, H, device=dev, acc_dtype=torch.float32, out_dtype=w_VH.dtype) \
+        if want_dw else None
     db_V = torch.zeros(V, device=dev, dtype=torch.float32) if want_db else None
     # no softcap: z = scale/T · (x·Wᵀ + b) straight from the GEMM; with one: u = scale · (…)
     alpha = spec.scale / spec.temperature if spec.plain else spec.scale
@@ -449,10 +450,12 @@ def _triton_pass(prob: KLProblem, row_w_N: torch.Tensor, want_dx: bool, want_dw:
         if want_dx:  # g is in the weight's dtype (x and W share it: checked by the dispatcher)
             _gemm(g, w_VH, dx_NH[r0:r0 + group])
         if want_dw:  # the first group writes dW, the others add to it
-            _gemm(g.T, x_NH[r0:r0 + group], dw_VH, accumulate=r0 > 0)
+            for v0, dw_piece in dw.pieces:
+                _gemm(g[:, v0:v0 + dw_piece.shape[0]].T, x_NH[r0:r0 + group], dw_piece,
+                      accumulate=r0 > 0)
         if want_db:
             db_V += g.float().sum(0)
     lanes.join()  # the losses are written
     if want_dw and N == 0:
-        dw_VH.zero_()
-    return KLGrads(loss_N, dx_NH, dw_VH, db_V)
+        dw.zero_()
+    return KLGrads(loss_N, dx_NH, dw, db_V)

@@ -398,3 +398,37 @@ def test_the_triton_pass_makes_one_logits_gemm_for_a_shared_head(monkeypatch):
     rows.clear()
     fused_linear_kl(x, xt, w, w.clone(), impl="triton", chunk_rows=8)
     assert rows == [(8, 130), (8, 130), (4, 130), (4, 130)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [1, 3, 64, 129, 1271])
+def test_weight_grad_casts_in_its_own_storage(monkeypatch, V, dtype):
+    """The fp32 dW accumulator of a 2-byte weight is two row pieces; ``result()`` writes the cast
+    over the first piece's own storage (no second [V, H] allocation), bit-equal to ``.to(dtype)``
+    of the whole fp32 matrix — with slabs small enough that many double-sized slabs run."""
+    from rdcore.kernels._common import WeightGrad
+
+    monkeypatch.setattr(WeightGrad, "FIRST_SLAB", 7)
+    H = 13
+    dw = WeightGrad(V, H, device=torch.device("cpu"), acc_dtype=torch.float32, out_dtype=dtype)
+    full = torch.randn(V, H, generator=torch.Generator().manual_seed(V)) * 1e3
+    for v0, piece in dw.pieces:
+        piece.copy_(full[v0:v0 + piece.shape[0]])
+    first = dw.pieces[0][1]
+    assert sum(p.shape[0] for _, p in dw.pieces) == V and first.shape[0] % 64 in (0, V % 64)
+    got = dw.result()
+    assert got.dtype == dtype and got.shape == (V, H) and got.is_contiguous()
+    assert torch.equal(got, full.to(dtype))
+    if V > 64:  # split: the result lives in the first piece's memory
+        assert len(dw.pieces) == 0 and got.data_ptr() == first.data_ptr()
+        assert got.untyped_storage().nbytes() == first.untyped_storage().nbytes() < full.nbytes
+
+
+def test_weight_grad_of_an_fp32_weight_is_the_accumulator():
+    from rdcore.kernels._common import WeightGrad
+
+    dw = WeightGrad(300, 5, device=torch.device("cpu"), acc_dtype=torch.float32,
+                    out_dtype=torch.float32)
+    assert len(dw.pieces) == 1
+    piece = dw.pieces[0][1]
+    assert dw.result() is piece
