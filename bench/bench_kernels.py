@@ -84,6 +84,10 @@ class Options:
     table: str = ""
     """Also write the verdict table (rdcore against naive and compiled Liger) to this file (the
     grid writes ``bench/results/kernels_grid.md``)."""
+    report: str = ""
+    """Time nothing: write the verdict table (``--table``, else ``bench/results/kernels_grid.md``)
+    from the linear-KL rows these runs recorded (comma-separated ``run`` ids of ``kernels.jsonl``;
+    e.g. a grid measured in two invocations, one with more sweeps than the other)."""
     no_save: bool = False
     """Print only, append no rows."""
     worker: str = ""
@@ -288,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         shape = [int(v) for v in opt.shapes.split(",")]
         print("RESULT " + json.dumps(worker(opt, opt.worker, shape)))
         return 0
+    if opt.report:
+        return report(opt)
     import torch
 
     cuda = torch.cuda.is_available()
@@ -358,6 +364,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
     if rows and not opt.no_save:
         print(f"appended {len(rows)} rows to {OUT.relative_to(OUT.parents[2])}")
+    return 0
+
+
+def report(opt: Options) -> int:
+    """``--report``: the verdict table from recorded rows (grid points in the grid's order)."""
+    runs = [r for r in opt.report.split(",") if r]
+    rows = [r for r in read_rows(OUT) if r.get("run") in runs and r.get("op") == "linear_kl"]
+    if not rows:
+        print(f"bench_kernels.py: no linear_kl rows of run(s) {', '.join(runs)} in {OUT}")
+        return 2
+    order = {",".join(map(str, s)): i for i, s in enumerate(GRID)}
+    rows.sort(key=lambda r: (order.get(r["shape"], len(order)), runs.index(r["run"])))
+    table = grid_verdict(rows, f"--report {opt.report}")
+    path = Path(opt.table) if opt.table else GRID_TABLE
+    path.write_text(table)
+    print(table + f"wrote {path}")
     return 0
 
 

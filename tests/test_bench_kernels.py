@@ -60,3 +60,20 @@ def test_the_time_target_is_judged_within_sweeps():
     assert cells[5] == "0.91"  # 10 / 11: the medians over sweeps
     assert cells[6] == "1.25 (0.91–1.33)"  # 5/4, 10/11, 20/15
     assert cells[-1] == "time missed"
+
+
+def test_the_table_can_be_rebuilt_from_recorded_runs(tmp_path):
+    """``--report RUN,RUN``: the verdict from the rows two runs recorded, grid points in the grid's
+    order; an unknown run is an error, not an empty table."""
+    table = tmp_path / "verdict.md"
+    cmd = [sys.executable, "bench/bench_kernels.py", "--report",
+           "2026-12-01T17:45:49,2026-12-01T18:39:33", "--table", str(table)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    shapes = [line.split("|")[1].strip() for line in table.read_text().splitlines()
+              if line[2:3].isdigit()]
+    assert shapes[:2] == ["256 × 512 × 32000", "256 × 2048 × 32000"] and len(shapes) == 18
+    assert "--report 2026-12-01T17:45:49" in table.read_text()
+    bad = subprocess.run(cmd[:3] + ["no-such-run", "--table", str(table)], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no linear_kl rows" in bad.stdout

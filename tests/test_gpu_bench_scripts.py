@@ -55,3 +55,5 @@ def test_gpu_report_is_built_from_the_rows(tmp_path):
     assert "| c1e90c2 | trainable | triton | 62.1 |" in text
     line = next(x for x in text.splitlines() if x.startswith("| c1e90c2 | trainable | triton |"))
     assert line.rstrip(" |").endswith("1.09")
+    # its peak beyond the fp32 dW accumulator (3102 − 2004 MiB): the trainable head's memory target
+    assert line.split("|")[-3].strip() == "1098"
