@@ -23,8 +23,16 @@ f. trl-gkd: TRL's ``GKDTrainer`` (pinned, see ``requirements/bench-peers.txt``; 
    order (one dataset row per batch); full logits [B, T, V] for both models. Skipped with a message
    when TRL is not installed (``make bench-peers``). TRL's experimental SDFT trainer, the one peer
    that shares weights and gives only the teacher a privileged context, generates the student's
-   responses on-policy every step: its step is not comparable with a fixed-data step, so it is not
-   a variant here.
+   responses on-policy every step, so its *training loop* is not comparable with a fixed-data step.
+g. trl-sdft-loss: what of TRL's experimental ``SDFTTrainer`` *is* comparable — its loss step on
+   fixed completions: ``compute_loss`` (``teacher_model_kind="base"``: the teacher is the shared
+   model with the LoRA adapter disabled, rdcore's "disabled" teacher; ``distillation_mode=
+   "full_logits"``, ``distillation_alpha=0``: forward KL(teacher ‖ student) over the whole
+   vocabulary at every completion token; the teacher reads the rule, the student does not), then
+   backward and AdamW (lr 1e-4), on exactly the batches of the other variants — the prompt
+   left-padded, the fixed response as the completion. Not timed: its generation (sampling the
+   student's completions each step), which rdcore's offline setting does not have. No
+   hidden-state term (rdcore computes one: the comparison favours TRL).
 
 Per variant (each in its own subprocess): samples/s (median over steps after ``--warmup``),
 teacher token positions run per sample (padding included), teacher-pass seconds per step (median),
@@ -49,7 +57,7 @@ from common import ROOT, git_sha, versions
 
 RESULTS = RESULTS_DIR / "step.jsonl"
 VARIANTS = {"a": "paper", "b": "hf", "c": "rdcore", "d": "rdcore+prefix", "e": "rdcore+prefix+targets",
-            "f": "trl-gkd"}
+            "f": "trl-gkd", "g": "trl-sdft-loss"}
 
 
 def _now(cuda: bool) -> float:
@@ -174,6 +182,8 @@ def worker(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     if variant == "f":
         return _trl_gkd(args, model, teacher, tok, data, batches, pad, cuda, dtype)
+    if variant == "g":
+        return _trl_sdft_loss(args, model, tok, data, batches, pad, cuda, dtype)
     epochs = args.epochs if variant == "e" else 1
     per_epoch: list[float] = []
     step_times: list[float] = []
@@ -284,6 +294,91 @@ def _trl_gkd(args, model, teacher, tok, data, batches, pad: int, cuda: bool, dty
         **_common_fields(data, 0, cuda, dtype), "trl": versions("trl")["trl"]}
 
 
+def _sdft_inputs(exs, pad: int, device) -> dict:
+    """One batch as SDFT's ``compute_loss`` takes it: the student prompt (no rule) and the teacher's
+    (rule + prompt), each left-padded, and the response as the completion (right-padded), so that
+    both sequences end with the same completion block."""
+    import torch
+
+    R = max(e.response_len for e in exs)
+    s_prompts = [e.student_ids[:e.student_response_start] for e in exs]
+    t_prompts = [e.teacher_ids[:e.teacher_response_start] for e in exs]
+    resp = [e.response_ids for e in exs]
+
+    def left(seqs):
+        L = max(len(x) for x in seqs)
+        ids = torch.tensor([[pad] * (L - len(x)) + x for x in seqs])
+        mask = torch.tensor([[0] * (L - len(x)) + [1] * len(x) for x in seqs])
+        return ids, mask
+
+    comp = torch.tensor([x + [pad] * (R - len(x)) for x in resp])
+    comp_mask = torch.tensor([[1] * len(x) + [0] * (R - len(x)) for x in resp])
+    p_ids, p_mask = left(s_prompts)
+    t_ids, t_mask = left(t_prompts)
+    out = {"prompt_ids": p_ids, "prompt_mask": p_mask, "completion_ids": comp,
+           "completion_mask": comp_mask, "teacher_input_ids": torch.cat([t_ids, comp], 1),
+           "teacher_attention_mask": torch.cat([t_mask, comp_mask], 1)}
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _trl_sdft_loss(args, model, tok, data, batches, pad: int, cuda: bool, dtype) -> dict:
+    """Variant g: TRL's SDFTTrainer loss step on the fixed batches (see the module docstring)."""
+    import tempfile
+
+    import datasets
+    import torch
+    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+    todo = (batches * (args.warmup + args.steps))[: args.warmup + args.steps]
+    rows = datasets.Dataset.from_dict({"prompt": ["-"] * len(todo),
+                                       "privileged_context": ["-"] * len(todo)})
+    step_times: list[float] = []
+    teacher_time: list[float] = []
+    tokens = 0
+    with tempfile.TemporaryDirectory() as out:
+        cfg = SDFTConfig(output_dir=out, teacher_model_kind="base", distillation_mode="full_logits",
+                         distillation_alpha=0.0, num_loss_tokens_to_skip=0, temperature=1.0,
+                         per_device_train_batch_size=args.batch_size, learning_rate=1e-4,
+                         lr_scheduler_type="constant", weight_decay=0.0, max_steps=len(todo),
+                         report_to=[], use_cpu=not cuda, bf16=dtype == torch.bfloat16,
+                         save_strategy="no", logging_steps=10**6, disable_dropout=True,
+                         gradient_checkpointing=False, num_generations=1)  # as every variant
+        trainer = SDFTTrainer(model=model, args=cfg, train_dataset=rows, processing_class=tok)
+        student = trainer.model
+        student.train()
+        params = [p for p in student.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        forward = trainer._forward_logits
+
+        def timed_forward(**kw):  # the teacher's forward is the one run under no_grad
+            if torch.is_grad_enabled():
+                return forward(**kw)
+            t0 = _now(cuda)
+            got = forward(**kw)
+            teacher_time.append(_now(cuda) - t0)
+            return got
+
+        trainer._forward_logits = timed_forward
+        trainer.current_gradient_accumulation_steps = 1  # what Trainer.train() sets per step
+        for ids in todo:
+            inputs = _sdft_inputs([data[i] for i in ids], pad, torch.device("cuda" if cuda else "cpu"))
+            tokens += inputs["teacher_input_ids"].numel()
+            t0 = _now(cuda)
+            loss = trainer.compute_loss(student, inputs)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step_times.append(_now(cuda) - t0)
+    timed = step_times[args.warmup:]
+    sizes = [len(ids) for ids in todo[args.warmup:]]
+    return {
+        "samples_per_s": statistics.mean(sizes) / statistics.median(timed),
+        "samples_per_s_per_epoch": None,
+        "teacher_tokens_per_sample": tokens / sum(len(ids) for ids in todo),
+        "teacher_s_per_step": statistics.median(teacher_time[args.warmup:]),
+        **_common_fields(data, 0, cuda, dtype), "trl": versions("trl")["trl"]}
+
+
 def _left_pad_to(exs, pad: int, length: int, device):
     import torch
 
@@ -371,10 +466,12 @@ def summary() -> int:
             print(f"{v + ': ' + VARIANTS[v]:24} {med(v, 'samples_per_s'):10.3f} {ratio(v, 'a'):6.2f} "
                   f"{ratio(v, 'b'):6.2f} {med(v, 'teacher_tokens_per_sample'):18.1f} "
                   f"{med(v, 'teacher_s_per_step'):14.3f} {med(v, 'peak_mem_mib'):9.0f}")
-        if any("f" in run for run in runs.values()):
-            print(f"vs TRL GKDTrainer: samples/s (d)/(f) {ratio('d', 'f'):.2f}x, (e)/(f) "
-                  f"{ratio('e', 'f'):.2f}x (>= 2); peak (d)/(f) {ratio('d', 'f', 'peak_mem_mib'):.2f}, "
-                  f"(e)/(f) {ratio('e', 'f', 'peak_mem_mib'):.2f} (<= 0.5)")
+        for peer, name in (("f", "TRL GKDTrainer"), ("g", "TRL SDFT loss step")):
+            if any(peer in run for run in runs.values()):
+                print(f"vs {name}: samples/s (d)/({peer}) {ratio('d', peer):.2f}x, (e)/({peer}) "
+                      f"{ratio('e', peer):.2f}x (>= 2); peak (d)/({peer}) "
+                      f"{ratio('d', peer, 'peak_mem_mib'):.2f}, (e)/({peer}) "
+                      f"{ratio('e', peer, 'peak_mem_mib'):.2f} (<= 0.5)")
         if not any("d" in run for run in runs.values()):
             continue
         frac = med("d", "rule_prefix_tokens") / med("d", "mean_teacher_len")
@@ -390,8 +487,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tasks", default="math,jailbreak")
-    ap.add_argument("--variants", default="a,b,c,d,e,f",
-                    help="f (TRL) is skipped when TRL is not installed")
+    ap.add_argument("--variants", default="a,b,c,d,e,f,g",
+                    help="f and g (TRL) are skipped when TRL is not installed")
     ap.add_argument("--shots", type=int, default=8)
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per variant (a-d)")
@@ -422,8 +519,8 @@ def main() -> int:
     for task in args.tasks.split(","):
         got: dict[str, dict] = {}
         for v in args.variants.split(","):
-            if v == "f" and importlib.util.find_spec("trl") is None:
-                print(f"{task} f: skipped, TRL is not installed (make bench-peers)")
+            if v in ("f", "g") and importlib.util.find_spec("trl") is None:
+                print(f"{task} {v}: skipped, TRL is not installed (make bench-peers)")
                 continue
             cmd = [sys.executable, __file__, "--one", v, "--task", task] + [
                 f"--{k}={getattr(args, k)}" for k in ("model", "shots", "batch_size", "steps",
@@ -449,12 +546,14 @@ def main() -> int:
             cut = 1 - got["d"]["teacher_s_per_step"] / got["c"]["teacher_s_per_step"]
             print(f"{task}: rule prefix = {frac:.0%} of teacher tokens; prefix cache cuts the teacher "
                   f"pass by {cut:.0%} (target >= {0.8 * frac:.0%})")
-        if "f" in got:
+        for peer, name in (("f", "TRL GKDTrainer"), ("g", "TRL SDFT loss step")):
+            if peer not in got:
+                continue
             for v in ("c", "d", "e"):
                 if v in got:
-                    print(f"{task}: {VARIANTS[v]} / TRL GKDTrainer: samples/s "
-                          f"{got[v]['samples_per_s'] / got['f']['samples_per_s']:.2f}x (goal >= 2), "
-                          f"peak memory {got[v]['peak_mem_mib'] / got['f']['peak_mem_mib']:.2f}x "
+                    print(f"{task}: {VARIANTS[v]} / {name}: samples/s "
+                          f"{got[v]['samples_per_s'] / got[peer]['samples_per_s']:.2f}x (goal >= 2), "
+                          f"peak memory {got[v]['peak_mem_mib'] / got[peer]['peak_mem_mib']:.2f}x "
                           "(goal <= 0.5)")
     if not args.no_save:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

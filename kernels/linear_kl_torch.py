@@ -61,6 +61,11 @@ project's 2-core machine, one process per shape, the two chunkings and naive alt
 times each, medians): one chunk of 256 rows against two of 128 — 1.66 vs 1.84 s at H 2048, V 32000;
 7.69 vs 9.33 s at H 2048, V 128256. At H 2048 the split saves 10 % of the footprint and is not made;
 at H 512 it saves 25 %."""
+SPLIT_MIN_BYTES = 128 << 20
+"""...and only when the whole [2N, V] fp32 buffer is at least this large: below it the saving is
+small in absolute terms while the split's cost stays a share of the time (256×512×32000, whose
+one-chunk buffer is 62.5 MiB, 8 alternations in one process: 3 chunks of 86 rows 1.12× the time
+of one chunk, 2 of 128 1.11×; one chunk 0.85× the naive version's)."""
 UPCAST_BLOCK_BYTES = 64 << 20
 """fp32 copy of a low-precision weight, made this many bytes at a time."""
 
@@ -104,13 +109,15 @@ def torch_chunk_rows(N: int, V: int, H: int, itemsize: int, want_dw: bool = True
     """Rows per chunk of the chunked path, from the problem: :data:`CHUNK_ROWS` (the GEMMs at their
     best), evened out over the chunks N needs (no small last chunk); N that fits one chunk is cut
     into chunks of at least :data:`SPLIT_ROWS` rows where halving the logit buffer would save
-    :data:`SPLIT_SAVING` of the op's memory, else taken whole. (``V``, ``H``, ``itemsize``: the
+    :data:`SPLIT_SAVING` of the op's memory and the buffer is at least :data:`SPLIT_MIN_BYTES`,
+    else taken whole. (``V``, ``H``, ``itemsize``: the
     memory the op holds anyway, fp32 dW of [V, H] with a trainable head.)"""
     del itemsize  # dW and the logit buffers are fp32 whatever the operands' dtype
     if N > CHUNK_ROWS:
         return -(-N // -(-N // CHUNK_ROWS))
     footprint = 2 * N * V + (V * H if want_dw else 0)  # fp32 elements: [2N, V] buffer, dW
-    pieces = N // SPLIT_ROWS if N * V >= SPLIT_SAVING * footprint else 1
+    worth = N * V >= SPLIT_SAVING * footprint and 2 * N * V * 4 >= SPLIT_MIN_BYTES
+    pieces = N // SPLIT_ROWS if worth else 1
     return -(-N // max(pieces, 1)) if N else 1
 
 

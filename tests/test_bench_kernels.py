@@ -74,6 +74,6 @@ def test_the_table_can_be_rebuilt_from_recorded_runs(tmp_path):
               if line[2:3].isdigit()]
     assert shapes[:2] == ["256 × 512 × 32000", "256 × 2048 × 32000"] and len(shapes) == 18
     assert "--report 2026-12-01T17:45:49" in table.read_text()
-    bad = subprocess.run(cmd[:3] + ["no-such-run", "--table", str(table)], cwd=ROOT, env=_env(),
+    bad = subprocess.run([*cmd[:3], "no-such-run", "--table", str(table)], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no linear_kl rows" in bad.stdout

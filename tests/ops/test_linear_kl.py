@@ -241,14 +241,16 @@ def test_chunk_geometry_follows_the_problem():
     assert torch_chunk_rows(5000, 32000, 512, 4) == 250  # 20 even chunks, not 19 + 136 rows
     assert torch_chunk_rows(300, 32000, 600, 4) == 150
     # fits one chunk: cut into chunks of >= 80 rows where halving the buffer would save
-    # >= SPLIT_SAVING of the op's memory (the [2N, V] buffer against the fp32 dW)
+    # >= SPLIT_SAVING of the op's memory (the [2N, V] buffer against the fp32 dW) and the
+    # [2N, V] fp32 buffer is >= 128 MiB
     assert torch_chunk_rows(256, 262144, 512, 4) == 86  # halving saves 25 %: 3 chunks
-    assert torch_chunk_rows(256, 128256, 512, 4) == 86
-    assert torch_chunk_rows(200, 32000, 512, 4) == 100  # 2 chunks of >= 80 rows
-    assert torch_chunk_rows(240, 32000, 1024, 4) == 240  # 16 %: one chunk
-    assert torch_chunk_rows(256, 32000, 2048, 4) == 256  # 10 %: one chunk, 10-18 % faster
-    assert torch_chunk_rows(256, 32000, 2048, 4, want_dw=False) == 86  # no dW: saves half
-    assert torch_chunk_rows(150, 32000, 512, 4) == 150  # halves below SPLIT_ROWS
+    assert torch_chunk_rows(256, 128256, 512, 4) == 86  # 250 MiB
+    assert torch_chunk_rows(256, 32000, 512, 4) == 256  # saves 25 %, but of 62.5 MiB: whole
+    assert torch_chunk_rows(200, 131072, 512, 4) == 100  # 2 chunks of >= 80 rows
+    assert torch_chunk_rows(240, 131072, 1024, 4) == 240  # 16 %: one chunk
+    assert torch_chunk_rows(256, 128256, 2048, 4) == 256  # 10 %: one chunk, 10-18 % faster
+    assert torch_chunk_rows(256, 128256, 2048, 4, want_dw=False) == 86  # no dW: saves half
+    assert torch_chunk_rows(150, 262144, 512, 4) == 150  # halves below SPLIT_ROWS
     assert torch_chunk_rows(0, 32000, 512, 4) == 1
     # Triton: logits chunk and gradient group within the buffer budget, evened out, C a multiple
     # of 64 and R of C
