@@ -469,7 +469,8 @@ def grid_verdict(rows: list[dict], command: str = "--grid on") -> str:
     by = {(r["shape"], r["provider"]): r for r in rows}
     first = next(iter(rows), {})
     out = [f"# Fused linear + KL on the CPU grid ({first.get('dtype', 'fp32')}, forward + backward)",
-           "", f"`python bench/bench_kernels.py {command}`; git {first.get('git', '?')}, torch "
+           "", f"`python bench/bench_kernels.py {command}`; git "
+           f"{', '.join(dict.fromkeys(str(r.get('git', '?')) for r in rows))}, torch "
            f"{first.get('torch', '?')}, liger-kernel {first.get('liger-kernel', '-')}, device "
            f"{first.get('device', '?')}. Time: median of the timed runs after a warm-up (runs "
            "column; with sweeps, the median of the sweeps' medians, and the time target is judged "
