@@ -25,8 +25,8 @@ comes from the problem (:func:`torch_chunk_rows`): large enough that the GEMMs r
 [2C, V] logit buffer stays small beside the fp32 dW the op returns; a small problem is cut into a
 few chunks when its buffer would be a large part of the op's memory. The element-wise work
 (log-softmax, KL, gradient) runs R rows at a time so that its buffers stay in the processor's
-cache. The first chunk
-writes dW (no zero-fill). The mask is applied as row weights (no host synchronisation).
+cache. The first chunk writes dW (no zero-fill). The mask is applied as row weights (no host
+synchronisation).
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ def torch_chunk_rows(N: int, V: int, H: int, itemsize: int, want_dw: bool = True
     best), evened out over the chunks N needs (no small last chunk); N that fits one chunk is cut
     into chunks of at least :data:`SPLIT_ROWS` rows where halving the logit buffer would save
     :data:`SPLIT_SAVING` of the op's memory and the buffer is at least :data:`SPLIT_MIN_BYTES`,
-    else taken whole. (``V``, ``H``, ``itemsize``: the
-    memory the op holds anyway, fp32 dW of [V, H] with a trainable head.)"""
+    else taken whole. ``itemsize`` does not matter: dW and the buffers are fp32 whatever the
+    operands' dtype."""
     del itemsize  # dW and the logit buffers are fp32 whatever the operands' dtype
     if N > CHUNK_ROWS:
         return -(-N // -(-N // CHUNK_ROWS))
