@@ -300,21 +300,11 @@ def _sdft_inputs(exs, pad: int, device) -> dict:
     both sequences end with the same completion block."""
     import torch
 
-    R = max(e.response_len for e in exs)
-    s_prompts = [e.student_ids[:e.student_response_start] for e in exs]
-    t_prompts = [e.teacher_ids[:e.teacher_response_start] for e in exs]
-    resp = [e.response_ids for e in exs]
+    from rdcore.data import _pad
 
-    def left(seqs):
-        L = max(len(x) for x in seqs)
-        ids = torch.tensor([[pad] * (L - len(x)) + x for x in seqs])
-        mask = torch.tensor([[0] * (L - len(x)) + [1] * len(x) for x in seqs])
-        return ids, mask
-
-    comp = torch.tensor([x + [pad] * (R - len(x)) for x in resp])
-    comp_mask = torch.tensor([[1] * len(x) + [0] * (R - len(x)) for x in resp])
-    p_ids, p_mask = left(s_prompts)
-    t_ids, t_mask = left(t_prompts)
+    p_ids, p_mask, _ = _pad([e.student_ids[:e.student_response_start] for e in exs], pad, "left")
+    t_ids, t_mask, _ = _pad([e.teacher_ids[:e.teacher_response_start] for e in exs], pad, "left")
+    comp, comp_mask, _ = _pad([e.response_ids for e in exs], pad, "right")
     out = {"prompt_ids": p_ids, "prompt_mask": p_mask, "completion_ids": comp,
            "completion_mask": comp_mask, "teacher_input_ids": torch.cat([t_ids, comp], 1),
            "teacher_attention_mask": torch.cat([t_mask, comp_mask], 1)}

@@ -105,14 +105,12 @@ def linear_kl_reference(student_hidden: torch.Tensor, teacher_hidden: torch.Tens
 # --------------------------------------------------------------------------------------------------
 # Chunked PyTorch path
 # --------------------------------------------------------------------------------------------------
-def torch_chunk_rows(N: int, V: int, H: int, itemsize: int, want_dw: bool = True) -> int:
+def torch_chunk_rows(N: int, V: int, H: int, want_dw: bool = True) -> int:
     """Rows per chunk of the chunked path, from the problem: :data:`CHUNK_ROWS` (the GEMMs at their
     best), evened out over the chunks N needs (no small last chunk); N that fits one chunk is cut
     into chunks of at least :data:`SPLIT_ROWS` rows where halving the logit buffer would save
     :data:`SPLIT_SAVING` of the op's memory and the buffer is at least :data:`SPLIT_MIN_BYTES`,
-    else taken whole. ``itemsize`` does not matter: dW and the buffers are fp32 whatever the
-    operands' dtype."""
-    del itemsize  # dW and the logit buffers are fp32 whatever the operands' dtype
+    else taken whole (dW and the buffers are fp32 whatever the operands' dtype)."""
     if N > CHUNK_ROWS:
         return -(-N // -(-N // CHUNK_ROWS))
     footprint = 2 * N * V + (V * H if want_dw else 0)  # fp32 elements: [2N, V] buffer, dW
@@ -180,8 +178,7 @@ def _chunked_pass(prob: KLProblem, row_w_N: torch.Tensor, want_dx: bool, want_dw
     V = w_VH.shape[0]
     acc = torch.float64 if x_NH.dtype == torch.float64 else torch.float32
     shared = wt_VHt is w_VH and bt_V is b_V and xt_NHt.dtype == x_NH.dtype
-    C = min(chunk, max(N, 1)) if chunk else torch_chunk_rows(N, V, H, w_VH.element_size(),
-                                                             want_dw)
+    C = min(chunk, max(N, 1)) if chunk else torch_chunk_rows(N, V, H, want_dw)
     R = max(1, min(C, BLOCK_ELEMENTS // max(V, 1)))
     want_grad = want_dx or want_dw or want_db
     loss_N = x_NH.new_empty(N, dtype=acc)

@@ -235,23 +235,23 @@ def test_chunk_geometry_follows_the_problem():
     from rdcore.kernels.linear_kl_triton import CHUNK_BUFFER_BYTES, triton_geometry
 
     # CPU: the GEMMs at their best (256 rows) whatever H and V, evened out over the chunks
-    assert torch_chunk_rows(1024, 262144, 640, 4) == CHUNK_ROWS
-    assert torch_chunk_rows(4096, 32000, 2048, 4) == CHUNK_ROWS
-    assert torch_chunk_rows(8192, 128256, 64, 2) == CHUNK_ROWS
-    assert torch_chunk_rows(5000, 32000, 512, 4) == 250  # 20 even chunks, not 19 + 136 rows
-    assert torch_chunk_rows(300, 32000, 600, 4) == 150
+    assert torch_chunk_rows(1024, 262144, 640) == CHUNK_ROWS
+    assert torch_chunk_rows(4096, 32000, 2048) == CHUNK_ROWS
+    assert torch_chunk_rows(8192, 128256, 64) == CHUNK_ROWS
+    assert torch_chunk_rows(5000, 32000, 512) == 250  # 20 even chunks, not 19 + 136 rows
+    assert torch_chunk_rows(300, 32000, 600) == 150
     # fits one chunk: cut into chunks of >= 80 rows where halving the buffer would save
     # >= SPLIT_SAVING of the op's memory (the [2N, V] buffer against the fp32 dW) and the
     # [2N, V] fp32 buffer is >= 128 MiB
-    assert torch_chunk_rows(256, 262144, 512, 4) == 86  # halving saves 25 %: 3 chunks
-    assert torch_chunk_rows(256, 128256, 512, 4) == 86  # 250 MiB
-    assert torch_chunk_rows(256, 32000, 512, 4) == 256  # saves 25 %, but of 62.5 MiB: whole
-    assert torch_chunk_rows(200, 131072, 512, 4) == 100  # 2 chunks of >= 80 rows
-    assert torch_chunk_rows(240, 131072, 1024, 4) == 240  # 16 %: one chunk
-    assert torch_chunk_rows(256, 128256, 2048, 4) == 256  # 10 %: one chunk, 10-18 % faster
-    assert torch_chunk_rows(256, 128256, 2048, 4, want_dw=False) == 86  # no dW: saves half
-    assert torch_chunk_rows(150, 262144, 512, 4) == 150  # halves below SPLIT_ROWS
-    assert torch_chunk_rows(0, 32000, 512, 4) == 1
+    assert torch_chunk_rows(256, 262144, 512) == 86  # halving saves 25 %: 3 chunks
+    assert torch_chunk_rows(256, 128256, 512) == 86  # 250 MiB
+    assert torch_chunk_rows(256, 32000, 512) == 256  # saves 25 %, but of 62.5 MiB: whole
+    assert torch_chunk_rows(200, 131072, 512) == 100  # 2 chunks of >= 80 rows
+    assert torch_chunk_rows(240, 131072, 1024) == 240  # 16 %: one chunk
+    assert torch_chunk_rows(256, 128256, 2048) == 256  # 10 %: one chunk, 10-18 % faster
+    assert torch_chunk_rows(256, 128256, 2048, want_dw=False) == 86  # no dW: saves half
+    assert torch_chunk_rows(150, 262144, 512) == 150  # halves below SPLIT_ROWS
+    assert torch_chunk_rows(0, 32000, 512) == 1
     # Triton: logits chunk and gradient group within the buffer budget, evened out, C a multiple
     # of 64 and R of C
     for N, V in [(8192, 128256), (1024, 262144), (5000, 128256), (100000, 262144)]:
