@@ -34,6 +34,10 @@ g. trl-sdft-loss: what of TRL's experimental ``SDFTTrainer`` *is* comparable —
    student's completions each step), which rdcore's offline setting does not have. No
    hidden-state term (rdcore computes one: the comparison favours TRL).
 
+``--activation_checkpointing``: every variant's student recomputes its decoder layers in backward
+(transformers' gradient checkpointing, non-reentrant — rdcore's ``--activation_checkpointing``;
+TRL's ``gradient_checkpointing=True``); rows record it and are compared only with rows alike.
+
 Per variant (each in its own subprocess): samples/s (median over steps after ``--warmup``),
 teacher token positions run per sample (padding included), teacher-pass seconds per step (median),
 and peak memory — CUDA ``max_memory_allocated``, CPU the process's peak resident set.
@@ -104,7 +108,13 @@ def worker(args: argparse.Namespace) -> dict:
 
     from rdcore.config import LossWeights
     from rdcore.data import Encoder, collate, load_task
-    from rdcore.distill import RuleDistillModule, TeacherTargets, add_lora, lora_config
+    from rdcore.distill import (
+        RuleDistillModule,
+        TeacherTargets,
+        add_lora,
+        checkpoint_activations,
+        lora_config,
+    )
     from rdcore.models import load_model
 
     cuda = torch.cuda.is_available()
@@ -123,6 +133,8 @@ def worker(args: argparse.Namespace) -> dict:
         for p in teacher.parameters():
             p.requires_grad_(False)
     model = add_lora(base, lora_config(16, 16, 0.0, model=base)).to(device)
+    if args.activation_checkpointing and variant not in ("f", "g"):  # TRL: its own flag
+        checkpoint_activations(model)
     module = None
     if variant in ("c", "d", "e"):
         module = RuleDistillModule(
@@ -213,18 +225,22 @@ def worker(args: argparse.Namespace) -> dict:
         "samples_per_s_per_epoch": per_epoch if variant == "e" else None,
         "teacher_tokens_per_sample": teacher_tokens / total_samples,
         "teacher_s_per_step": statistics.median(teacher_time) if teacher_time else 0.0,
-        **_common_fields(data, P, cuda, dtype)}
+        **_common_fields(data, P, cuda, dtype, model)}
 
 
-def _common_fields(data, P: int, cuda: bool, dtype) -> dict:
+def _common_fields(data, P: int, cuda: bool, dtype, model) -> dict:
     """What every variant's row records besides its timings: peak memory (CUDA
-    ``max_memory_allocated``, CPU the process's peak resident set), the data and the device."""
+    ``max_memory_allocated``, CPU the process's peak resident set), the decoder layers the
+    student recomputed in backward (activation checkpointing), the data and the device."""
     import torch
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
     peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {
         "peak_mem_mib": peak / 2**20,
+        "layers_recomputed": sum(bool(m.gradient_checkpointing) for m in model.modules()
+                                 if isinstance(m, GradientCheckpointingLayer)),
         "rule_prefix_tokens": P,
         "mean_teacher_len": sum(len(e.teacher_ids) for e in data) / len(data),
         "examples": len(data),
@@ -233,6 +249,11 @@ def _common_fields(data, P: int, cuda: bool, dtype) -> dict:
         "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__,
     }
+
+
+def _kind(r: dict) -> str:
+    """The rows' setting beyond model, task and batch: activation checkpointing on or off."""
+    return " +ckpt" if r.get("activation_checkpointing") else ""
 
 
 def _trl_gkd(args, model, teacher, tok, data, batches, pad: int, cuda: bool, dtype) -> dict:
@@ -280,7 +301,9 @@ def _trl_gkd(args, model, teacher, tok, data, batches, pad: int, cuda: bool, dty
                         max_steps=len(todo), learning_rate=1e-4, lr_scheduler_type="constant",
                         weight_decay=0.0, warmup_steps=0, logging_steps=10**6, save_strategy="no",
                         report_to=[], use_cpu=not cuda, bf16=dtype == torch.bfloat16,
-                        dataloader_num_workers=0, disable_dropout=True, max_length=None)
+                        dataloader_num_workers=0, disable_dropout=True, max_length=None,
+                        gradient_checkpointing=args.activation_checkpointing,
+                        gradient_checkpointing_kwargs={"use_reentrant": False})
         trainer = InOrder(model=model, teacher_model=teacher, args=cfg, train_dataset=rows,
                           data_collator=collator, processing_class=tok, callbacks=[Clock()])
         trainer.train()
@@ -291,7 +314,7 @@ def _trl_gkd(args, model, teacher, tok, data, batches, pad: int, cuda: bool, dty
         "samples_per_s_per_epoch": None,
         "teacher_tokens_per_sample": tokens[0] / sum(len(ids) for ids in todo),
         "teacher_s_per_step": statistics.median(teacher_time[args.warmup:]),
-        **_common_fields(data, 0, cuda, dtype), "trl": versions("trl")["trl"]}
+        **_common_fields(data, 0, cuda, dtype, model), "trl": versions("trl")["trl"]}
 
 
 def _sdft_inputs(exs, pad: int, device) -> dict:
@@ -332,7 +355,9 @@ def _trl_sdft_loss(args, model, tok, data, batches, pad: int, cuda: bool, dtype)
                          lr_scheduler_type="constant", weight_decay=0.0, max_steps=len(todo),
                          report_to=[], use_cpu=not cuda, bf16=dtype == torch.bfloat16,
                          save_strategy="no", logging_steps=10**6, disable_dropout=True,
-                         gradient_checkpointing=False, num_generations=1)  # as every variant
+                         gradient_checkpointing=args.activation_checkpointing,
+                         gradient_checkpointing_kwargs={"use_reentrant": False},
+                         num_generations=1)  # as every variant
         trainer = SDFTTrainer(model=model, args=cfg, train_dataset=rows, processing_class=tok)
         student = trainer.model
         student.train()
@@ -366,7 +391,7 @@ def _trl_sdft_loss(args, model, tok, data, batches, pad: int, cuda: bool, dtype)
         "samples_per_s_per_epoch": None,
         "teacher_tokens_per_sample": tokens / sum(len(ids) for ids in todo),
         "teacher_s_per_step": statistics.median(teacher_time[args.warmup:]),
-        **_common_fields(data, 0, cuda, dtype), "trl": versions("trl")["trl"]}
+        **_common_fields(data, 0, cuda, dtype, model), "trl": versions("trl")["trl"]}
 
 
 def _left_pad_to(exs, pad: int, length: int, device):
@@ -400,8 +425,8 @@ def plot() -> int:
     rows = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]
     grouped: dict[str, dict[tuple, list[dict]]] = {}
     for r in rows:  # medians over the invocations per (device, model, task, variant)
-        grouped.setdefault(r["device"], {}).setdefault((r["model"], r["task"], r["variant"]),
-                                                       []).append(r)
+        grouped.setdefault(r["device"], {}).setdefault(
+            (r["model"], r["task"] + _kind(r), r["variant"]), []).append(r)
     by_device = {d: {k: {m: statistics.median(r[m] for r in rs)
                          for m in ("samples_per_s", "peak_mem_mib")} for k, rs in g.items()}
                  for d, g in grouped.items()}
@@ -434,7 +459,8 @@ def summary() -> int:
     rows = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["device"], r["model"], r["task"], r["batch_size"]), []).append(r)
+        groups.setdefault((r["device"], r["model"], r["task"] + _kind(r), r["batch_size"]),
+                          []).append(r)
     for (device, model, task, bsz), rs in groups.items():
         runs: dict[str, dict[str, dict]] = {}
         for r in rs:
@@ -487,6 +513,8 @@ def main() -> int:
     ap.add_argument("--beta", type=float, default=10.0)
     ap.add_argument("--paper_max_length", type=int, default=1024)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="on CUDA (CPU: fp32)")
+    ap.add_argument("--activation_checkpointing", action="store_true",
+                    help="every variant's student recomputes its layers in backward")
     ap.add_argument("--no_save", action="store_true", help="print only, append no rows")
     ap.add_argument("--plot", action="store_true", help="only draw the figure from the rows")
     ap.add_argument("--summary", action="store_true",
@@ -515,13 +543,18 @@ def main() -> int:
             cmd = [sys.executable, __file__, "--one", v, "--task", task] + [
                 f"--{k}={getattr(args, k)}" for k in ("model", "shots", "batch_size", "steps",
                                                       "warmup", "epochs", "beta",
-                                                      "paper_max_length", "dtype")]
+                                                      "paper_max_length", "dtype")] + (
+                ["--activation_checkpointing"] if args.activation_checkpointing else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
                 print(f"{task} {v}: failed\n{proc.stderr[-3000:]}")
                 return 1
             r = json.loads(line[0][len("RESULT "):])
+            if bool(r["layers_recomputed"]) != args.activation_checkpointing:
+                print(f"{task} {v}: {r['layers_recomputed']} layers recomputed in backward, "
+                      f"--activation_checkpointing {'on' if args.activation_checkpointing else 'off'}")
+                return 1
             got[v] = r
             ra = r["samples_per_s"] / got["a"]["samples_per_s"] if "a" in got else float("nan")
             rb = r["samples_per_s"] / got["b"]["samples_per_s"] if "b" in got else float("nan")
@@ -529,7 +562,9 @@ def main() -> int:
                   f"{rb:6.2f} {r['teacher_tokens_per_sample']:18.1f} {r['teacher_s_per_step']:14.3f} "
                   f"{r['peak_mem_mib']:9.0f}", flush=True)
             rows.append({"model": args.model, "task": task, "variant": v, "name": VARIANTS[v],
-                         "batch_size": args.batch_size, "shots": args.shots, "git": sha, "run": run_id,
+                         "batch_size": args.batch_size, "shots": args.shots,
+                         "activation_checkpointing": args.activation_checkpointing, "git": sha,
+                         "run": run_id,
                          "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **r})
         if "c" in got and "d" in got:
             frac = got["d"]["rule_prefix_tokens"] / got["d"]["mean_teacher_len"]

@@ -181,6 +181,11 @@ class TrainConfig:
     """Parameter/compute precision: fp32 (CPU, exact tests) or bf16."""
     ds_config: str = option("ds_configs/zero3_cpu.json", SYSTEM)
     """DeepSpeed JSON config; batch sizes and optimizer settings are filled in from this config."""
+    activation_checkpointing: bool = option(False, SYSTEM, resumable=True)
+    """Recompute each decoder layer of the student pass in backward instead of keeping its
+    activations: the student's activation memory drops to one hidden state per layer and token,
+    for about one more student forward per step; the same gradients. The teacher pass (no grad) is
+    unchanged."""
 
     # ---- run folder and checkpoints --------------------------------------------------------------
     output_dir: str = option("runs/default", RUN, resumable=True)

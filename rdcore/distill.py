@@ -101,6 +101,26 @@ def add_lora(model: nn.Module, config: Any, teacher_state: dict[str, torch.Tenso
     return peft_model
 
 
+def checkpoint_activations(model: nn.Module) -> int:
+    """Recompute each decoder layer of the passes *with gradients* in backward instead of keeping
+    its activations (transformers' per-layer gradient checkpointing, non-reentrant
+    ``torch.utils.checkpoint``, the random state replayed: the same dropout, the same gradients).
+    The student keeps one hidden state per layer instead of its attention and MLP intermediates,
+    for one more student forward per step. The teacher pass is untouched: it runs in eval mode
+    under ``no_grad`` (transformers checkpoints only modules in training mode), so its rule-prefix
+    K/V cache is read as before. Returns the number of layers recomputed."""
+    lm = causal_lm(model)
+    if not getattr(lm, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{model_name(model)} does not support gradient checkpointing "
+                          "(--activation_checkpointing)")
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return sum(bool(getattr(m, "gradient_checkpointing", False)) for m in decoder_layers(model))
+
+
 def _lora_layers(model: nn.Module) -> Iterator[nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 

@@ -67,6 +67,7 @@ from rdcore.distill import (
     RuleDistillModule,
     TeacherTargets,
     add_lora,
+    checkpoint_activations,
     eval_mode,
     lora_config,
     teacher_adapter,
@@ -336,6 +337,9 @@ def setup_stage(stage: Stage, out: Path, rank: int, world: int) -> StageRun:
         if cfg.responses == "teacher":
             val = teacher_written(stage, model, tokenizer, val, "valid", out, rank, world)
         val_data = build_data(cfg, tokenizer, "valid", val)
+    if cfg.activation_checkpointing:  # after the teacher-written responses' generation
+        log.info("[%s] activation checkpointing: %d decoder layers recomputed in backward",
+                 stage.name, checkpoint_activations(model))
     module = build_module(cfg, model, data, stage.name)
     frozen = eng.frozen_fingerprint(model)  # checkpoints omit frozen weights: resume checks them
     layer = decoder_layers(model)[0]

@@ -236,3 +236,68 @@ def test_eval_mode_restores_each_modules_own_flag():
     with pytest.raises(RuntimeError), eval_mode(net):
         raise RuntimeError("boom")
     assert [m.training for m in net.modules()] == [True, True, False, False]
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+@pytest.mark.parametrize("mode", ["live", "disabled"])
+def test_activation_checkpointing_same_gradients_fewer_saved_bytes(mode, interleave):
+    """--activation_checkpointing: the student's layers are recomputed in backward — the same loss
+    and gradients (fp64, dropout on: the random state is replayed), far fewer bytes kept for
+    backward; the teacher still reads its rule-prefix cache (built once, then used)."""
+    from rdcore.distill import checkpoint_activations
+
+    dtype = torch.float64
+    data = None
+    results = []
+    for ckpt in (False, True):
+        model, tok = load_model("tiny", seed=4, dtype=dtype)
+        if mode == "disabled":
+            torch.manual_seed(0)  # the same LoRA A both times
+            model = add_lora(model, lora_config(4, 8, 0.1))  # dropout: replayed in the recompute
+        if ckpt:
+            checkpoint_activations(model)
+        model.train()
+        data = data or Encoder(tok).encode(load_task("math", "train", 8))
+        module = RuleDistillModule(model, "rule_distill_base", mode, loss=LossWeights(beta=5.0),
+                                   rule_prefix_ids=data.rule_prefix_ids, interleave=interleave)
+        saved = []
+        got = []
+        for start in (0, 3):  # the first batch builds the prefix K/V, the second reads it
+            ids = list(range(start, start + 3))
+            batch = collate(data.examples[start: start + 3], tok.pad_token_id,
+                            prefix_len=data.rule_prefix_len, example_ids=ids)
+            model.zero_grad()
+            torch.manual_seed(11)
+            count = [0]
+
+            def pack(t, count=count):
+                count[0] += t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss, _ = module(batch, 1.0)
+            loss.backward()
+            saved.append(count[0])
+            got.append((loss.detach(), [p.grad.clone() for p in model.parameters()
+                                        if p.requires_grad]))
+        assert module.prefix.valid and module.interleave == interleave
+        results.append((saved, got))
+    (saved_off, off), (saved_on, on) = results
+    for (loss_a, grads_a), (loss_b, grads_b) in zip(off, on):
+        assert loss_b.item() == pytest.approx(loss_a.item(), rel=1e-12)
+        for a, b in zip(grads_a, grads_b):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-14)
+    for a, b in zip(saved_off, saved_on):
+        assert b < 0.5 * a, (a, b)  # the student's intermediates are not kept
+
+
+def test_activation_checkpointing_needs_a_model_that_supports_it():
+    from rdcore.distill import checkpoint_activations
+
+    model, _ = load_model("tiny", seed=4)
+    type(model).supports_gradient_checkpointing = False
+    try:
+        with pytest.raises(ConfigError, match="--activation_checkpointing"):
+            checkpoint_activations(model)
+    finally:
+        del type(model).supports_gradient_checkpointing

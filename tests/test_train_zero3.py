@@ -89,6 +89,25 @@ def test_two_rank_zero3_distillation(reference):
         assert 0 < rel < 0.5, (name, rel)  # trained from the start, not a fresh random init
 
 
+def test_activation_checkpointing_same_curve(reference, tmp_path):
+    """--activation_checkpointing under ZeRO-3 on 2 ranks (the recompute gathers the layer's
+    shards again): full fine-tuning gives the reference run's curve; LoRA with dropout (replayed
+    in the recompute), the rule-prefix and teacher-target caches and the interleaved passes gives
+    the curve of the same run without it."""
+    full = tmp_path / "full"
+    proc = launch(full, 2, *FULL, "--activation_checkpointing", "on", "--save_model", "off")
+    assert "activation checkpointing: 2 decoder layers recomputed" in proc.stdout + proc.stderr
+    assert_same_curve(metrics(full), metrics(reference), rel=1e-5)
+    flags = ("--method", "rule_distill_base", "--finetune", "lora", "--epochs", "2",
+             "--max_steps", "0", "--save_model", "off", "--ds_config", str(trace_config(tmp_path)))
+    on, off = tmp_path / "lora_on", tmp_path / "lora_off"
+    p_on = launch(on, 2, *flags, "--activation_checkpointing", "on")
+    p_off = launch(off, 2, *flags)
+    assert invalidations(p_on) == invalidations(p_off)  # the recompute keeps the prefetch trace
+    assert len(metrics(on)) == 8 and metrics(on)[-1]["rank0_teacher_cached"] == 4
+    assert_same_curve(metrics(on), metrics(off), rel=1e-5)
+
+
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 def test_sigkill_then_resume_gives_the_same_curve(tmp_path, finetune):
     """SIGKILL a run right after its first complete checkpoint, resume it: the loss curve equals
