@@ -133,6 +133,7 @@ def worker(args: argparse.Namespace) -> dict:
         for p in teacher.parameters():
             p.requires_grad_(False)
     model = add_lora(base, lora_config(16, 16, 0.0, model=base)).to(device)
+    model.train()  # every module (PEFT leaves from_pretrained's eval mode on the layers)
     if args.activation_checkpointing and variant not in ("f", "g"):  # TRL: its own flag
         checkpoint_activations(model)
     module = None
@@ -231,7 +232,8 @@ def worker(args: argparse.Namespace) -> dict:
 def _common_fields(data, P: int, cuda: bool, dtype, model) -> dict:
     """What every variant's row records besides its timings: peak memory (CUDA
     ``max_memory_allocated``, CPU the process's peak resident set), the decoder layers the
-    student recomputed in backward (activation checkpointing), the data and the device."""
+    student recomputes in backward (checkpointing on and training mode: transformers checkpoints
+    only a layer in training mode), the data and the device."""
     import torch
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -239,7 +241,8 @@ def _common_fields(data, P: int, cuda: bool, dtype, model) -> dict:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {
         "peak_mem_mib": peak / 2**20,
-        "layers_recomputed": sum(bool(m.gradient_checkpointing) for m in model.modules()
+        "layers_recomputed": sum(bool(m.gradient_checkpointing and m.training)
+                                 for m in model.modules()
                                  if isinstance(m, GradientCheckpointingLayer)),
         "rule_prefix_tokens": P,
         "mean_teacher_len": sum(len(e.teacher_ids) for e in data) / len(data),

@@ -118,6 +118,11 @@ def checkpoint_activations(model: nn.Module) -> int:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers also makes the embedding output require grad (for the reentrant form, whose
+    # checkpointed layers pass no gradient to their parameters otherwise); the non-reentrant form
+    # does not need it, and it would make the teacher's embedding output a grad-requiring leaf
+    if hasattr(lm, "disable_input_require_grads"):
+        lm.disable_input_require_grads()
     return sum(bool(getattr(m, "gradient_checkpointing", False)) for m in decoder_layers(model))
 
 
