@@ -34,9 +34,12 @@ g. trl-sdft-loss: what of TRL's experimental ``SDFTTrainer`` *is* comparable —
    student's completions each step), which rdcore's offline setting does not have. No
    hidden-state term (rdcore computes one: the comparison favours TRL).
 
-``--activation_checkpointing``: every variant's student recomputes its decoder layers in backward
-(transformers' gradient checkpointing, non-reentrant — rdcore's ``--activation_checkpointing``;
-TRL's ``gradient_checkpointing=True``); rows record it and are compared only with rows alike.
+``--activation_checkpointing on``: every variant's student recomputes its decoder layers in
+backward (transformers' gradient checkpointing, non-reentrant — rdcore's
+``--activation_checkpointing``; TRL's ``gradient_checkpointing=True``); ``both``: each round runs
+the variants without, then with it. Rows record it and are compared only with rows alike.
+``--rounds R``: R sweeps over the variants in one invocation (the VM's speed drifts over minutes:
+ratios are taken within a sweep, medians over sweeps).
 
 Per variant (each in its own subprocess): samples/s (median over steps after ``--warmup``),
 teacher token positions run per sample (padding included), teacher-pass seconds per step (median),
@@ -134,7 +137,7 @@ def worker(args: argparse.Namespace) -> dict:
             p.requires_grad_(False)
     model = add_lora(base, lora_config(16, 16, 0.0, model=base)).to(device)
     model.train()  # every module (PEFT leaves from_pretrained's eval mode on the layers)
-    if args.activation_checkpointing and variant not in ("f", "g"):  # TRL: its own flag
+    if args.activation_checkpointing == "on" and variant not in ("f", "g"):  # TRL: its own flag
         checkpoint_activations(model)
     module = None
     if variant in ("c", "d", "e"):
@@ -305,7 +308,7 @@ def _trl_gkd(args, model, teacher, tok, data, batches, pad: int, cuda: bool, dty
                         weight_decay=0.0, warmup_steps=0, logging_steps=10**6, save_strategy="no",
                         report_to=[], use_cpu=not cuda, bf16=dtype == torch.bfloat16,
                         dataloader_num_workers=0, disable_dropout=True, max_length=None,
-                        gradient_checkpointing=args.activation_checkpointing,
+                        gradient_checkpointing=args.activation_checkpointing == "on",
                         gradient_checkpointing_kwargs={"use_reentrant": False})
         trainer = InOrder(model=model, teacher_model=teacher, args=cfg, train_dataset=rows,
                           data_collator=collator, processing_class=tok, callbacks=[Clock()])
@@ -358,7 +361,7 @@ def _trl_sdft_loss(args, model, tok, data, batches, pad: int, cuda: bool, dtype)
                          lr_scheduler_type="constant", weight_decay=0.0, max_steps=len(todo),
                          report_to=[], use_cpu=not cuda, bf16=dtype == torch.bfloat16,
                          save_strategy="no", logging_steps=10**6, disable_dropout=True,
-                         gradient_checkpointing=args.activation_checkpointing,
+                         gradient_checkpointing=args.activation_checkpointing == "on",
                          gradient_checkpointing_kwargs={"use_reentrant": False},
                          num_generations=1)  # as every variant
         trainer = SDFTTrainer(model=model, args=cfg, train_dataset=rows, processing_class=tok)
@@ -467,8 +470,8 @@ def summary() -> int:
     for (device, model, task, bsz), rs in groups.items():
         runs: dict[str, dict[str, dict]] = {}
         for r in rs:
-            runs.setdefault(r.get("run", r["time"]), {})[r["variant"]] = r
-        print(f"\n{model}, {task}, batch {bsz}, {device}: medians over {len(runs)} invocation(s)")
+            runs.setdefault((r.get("run", r["time"]), r.get("round", 0)), {})[r["variant"]] = r
+        print(f"\n{model}, {task}, batch {bsz}, {device}: medians over {len(runs)} sweep(s)")
         print(f"{'variant':24} {'samples/s':>10} {'vs a':>6} {'vs b':>6} {'teacher tok/sample':>18} "
               f"{'teacher s/step':>14} {'peak MiB':>9}")
 
@@ -502,6 +505,54 @@ def summary() -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace, task: str, ckpt: str) -> dict[str, dict] | None:
+    """One sweep over the variants on one task, each in its own process; prints its rows and the
+    ratios to the peers. None if a variant failed."""
+    got: dict[str, dict] = {}
+    label = task + (" +ckpt" if ckpt == "on" else "")
+    for v in args.variants.split(","):
+        if v in ("f", "g") and importlib.util.find_spec("trl") is None:
+            print(f"{task} {v}: skipped, TRL is not installed (make bench-peers)")
+            continue
+        cmd = [sys.executable, __file__, "--one", v, "--task", task,
+               f"--activation_checkpointing={ckpt}"] + [
+            f"--{k}={getattr(args, k)}" for k in ("model", "shots", "batch_size", "steps",
+                                                  "warmup", "epochs", "beta",
+                                                  "paper_max_length", "dtype")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            print(f"{task} {v}: failed\n{proc.stderr[-3000:]}")
+            return None
+        r = json.loads(line[0][len("RESULT "):])
+        if bool(r["layers_recomputed"]) != (ckpt == "on"):
+            print(f"{task} {v}: {r['layers_recomputed']} layers recomputed in backward, "
+                  f"--activation_checkpointing {ckpt}")
+            return None
+        r["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        got[v] = r
+        ra = r["samples_per_s"] / got["a"]["samples_per_s"] if "a" in got else float("nan")
+        rb = r["samples_per_s"] / got["b"]["samples_per_s"] if "b" in got else float("nan")
+        print(f"{label:16} {v + ': ' + VARIANTS[v]:24} {r['samples_per_s']:10.3f} {ra:6.2f} "
+              f"{rb:6.2f} {r['teacher_tokens_per_sample']:18.1f} {r['teacher_s_per_step']:14.3f} "
+              f"{r['peak_mem_mib']:9.0f}", flush=True)
+    if "c" in got and "d" in got:
+        frac = got["d"]["rule_prefix_tokens"] / got["d"]["mean_teacher_len"]
+        cut = 1 - got["d"]["teacher_s_per_step"] / got["c"]["teacher_s_per_step"]
+        print(f"{label}: rule prefix = {frac:.0%} of teacher tokens; prefix cache cuts the teacher "
+              f"pass by {cut:.0%} (target >= {0.8 * frac:.0%})")
+    for peer, name in (("f", "TRL GKDTrainer"), ("g", "TRL SDFT loss step")):
+        if peer not in got:
+            continue
+        for v in ("c", "d", "e"):
+            if v in got:
+                print(f"{label}: {VARIANTS[v]} / {name}: samples/s "
+                      f"{got[v]['samples_per_s'] / got[peer]['samples_per_s']:.2f}x (goal >= 2), "
+                      f"peak memory {got[v]['peak_mem_mib'] / got[peer]['peak_mem_mib']:.2f}x "
+                      "(goal <= 0.5)")
+    return got
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -516,8 +567,11 @@ def main() -> int:
     ap.add_argument("--beta", type=float, default=10.0)
     ap.add_argument("--paper_max_length", type=int, default=1024)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="on CUDA (CPU: fp32)")
-    ap.add_argument("--activation_checkpointing", action="store_true",
-                    help="every variant's student recomputes its layers in backward")
+    ap.add_argument("--activation_checkpointing", default="off", choices=["off", "on", "both"],
+                    help="every variant's student recomputes its layers in backward (both: each "
+                         "round without, then with)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="sweeps over the variants (and settings), rows per sweep")
     ap.add_argument("--no_save", action="store_true", help="print only, append no rows")
     ap.add_argument("--plot", action="store_true", help="only draw the figure from the rows")
     ap.add_argument("--summary", action="store_true",
@@ -535,54 +589,21 @@ def main() -> int:
     sha = git_sha()
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
     rows = []
-    print(f"{'task':10} {'variant':24} {'samples/s':>10} {'vs a':>6} {'vs b':>6} "
+    settings = ["off", "on"] if args.activation_checkpointing == "both" else [
+        args.activation_checkpointing]
+    print(f"{'task':16} {'variant':24} {'samples/s':>10} {'vs a':>6} {'vs b':>6} "
           f"{'teacher tok/sample':>18} {'teacher s/step':>14} {'peak MiB':>9}")
-    for task in args.tasks.split(","):
-        got: dict[str, dict] = {}
-        for v in args.variants.split(","):
-            if v in ("f", "g") and importlib.util.find_spec("trl") is None:
-                print(f"{task} {v}: skipped, TRL is not installed (make bench-peers)")
-                continue
-            cmd = [sys.executable, __file__, "--one", v, "--task", task] + [
-                f"--{k}={getattr(args, k)}" for k in ("model", "shots", "batch_size", "steps",
-                                                      "warmup", "epochs", "beta",
-                                                      "paper_max_length", "dtype")] + (
-                ["--activation_checkpointing"] if args.activation_checkpointing else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                print(f"{task} {v}: failed\n{proc.stderr[-3000:]}")
-                return 1
-            r = json.loads(line[0][len("RESULT "):])
-            if bool(r["layers_recomputed"]) != args.activation_checkpointing:
-                print(f"{task} {v}: {r['layers_recomputed']} layers recomputed in backward, "
-                      f"--activation_checkpointing {'on' if args.activation_checkpointing else 'off'}")
-                return 1
-            got[v] = r
-            ra = r["samples_per_s"] / got["a"]["samples_per_s"] if "a" in got else float("nan")
-            rb = r["samples_per_s"] / got["b"]["samples_per_s"] if "b" in got else float("nan")
-            print(f"{task:10} {v + ': ' + VARIANTS[v]:24} {r['samples_per_s']:10.3f} {ra:6.2f} "
-                  f"{rb:6.2f} {r['teacher_tokens_per_sample']:18.1f} {r['teacher_s_per_step']:14.3f} "
-                  f"{r['peak_mem_mib']:9.0f}", flush=True)
-            rows.append({"model": args.model, "task": task, "variant": v, "name": VARIANTS[v],
-                         "batch_size": args.batch_size, "shots": args.shots,
-                         "activation_checkpointing": args.activation_checkpointing, "git": sha,
-                         "run": run_id,
-                         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **r})
-        if "c" in got and "d" in got:
-            frac = got["d"]["rule_prefix_tokens"] / got["d"]["mean_teacher_len"]
-            cut = 1 - got["d"]["teacher_s_per_step"] / got["c"]["teacher_s_per_step"]
-            print(f"{task}: rule prefix = {frac:.0%} of teacher tokens; prefix cache cuts the teacher "
-                  f"pass by {cut:.0%} (target >= {0.8 * frac:.0%})")
-        for peer, name in (("f", "TRL GKDTrainer"), ("g", "TRL SDFT loss step")):
-            if peer not in got:
-                continue
-            for v in ("c", "d", "e"):
-                if v in got:
-                    print(f"{task}: {VARIANTS[v]} / {name}: samples/s "
-                          f"{got[v]['samples_per_s'] / got[peer]['samples_per_s']:.2f}x (goal >= 2), "
-                          f"peak memory {got[v]['peak_mem_mib'] / got[peer]['peak_mem_mib']:.2f}x "
-                          "(goal <= 0.5)")
+    for rnd in range(args.rounds):
+        for ckpt in settings:
+            for task in args.tasks.split(","):
+                got = _sweep(args, task, ckpt)
+                if got is None:
+                    return 1
+                for v, r in got.items():
+                    rows.append({"model": args.model, "task": task, "variant": v,
+                                 "name": VARIANTS[v], "batch_size": args.batch_size,
+                                 "shots": args.shots, "activation_checkpointing": ckpt == "on",
+                                 "round": rnd, "git": sha, "run": run_id, **r})
     if not args.no_save:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with RESULTS.open("a") as fh:

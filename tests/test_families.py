@@ -15,9 +15,16 @@ import torch
 import torch.nn.functional as F
 from families import FAMILIES, build
 
+from rdcore.architecture import causal_lm
 from rdcore.config import LossWeights
 from rdcore.data import Encoder, collate, load_task
-from rdcore.distill import RuleDistillModule, TeacherTargets, add_lora, lora_config
+from rdcore.distill import (
+    RuleDistillModule,
+    TeacherTargets,
+    add_lora,
+    checkpoint_activations,
+    lora_config,
+)
 from rdcore.prefix_attention import cascade_attention, causal_attention
 
 T, BETA, ALPHA = 1.3, 5.0, 0.7
@@ -74,7 +81,7 @@ def test_caches_and_interleaving_change_nothing(family, mode):
     """fp64: the prefix cache (built, then used), the teacher-target cache and the interleaving
     reproduce the plain passes' loss and gradients (Mistral, Qwen2, Gemma 2/3: sliding windows of
     24 tokens in teacher sequences of > 150; Gemma 2: attention softcap 0.05, low enough to bend
-    the tiny model's scores)."""
+    the tiny model's scores) — and so do they with activation checkpointing."""
     model, tok = build(family)
     model = model.double()
     if mode == "disabled":
@@ -88,28 +95,37 @@ def test_caches_and_interleaving_change_nothing(family, mode):
     cached = RuleDistillModule(model, "rule_distill_base", mode, loss=loss,
                                rule_prefix_ids=data.rule_prefix_ids, interleave=True,
                                targets=None if mode == "live" else TeacherTargets(2**30))
-    assert cached.interleave, family
+    checkpointed = RuleDistillModule(model, "rule_distill_base", mode, loss=loss,
+                                     rule_prefix_ids=data.rule_prefix_ids, interleave=True,
+                                     targets=None if mode == "live" else TeacherTargets(2**30))
+    assert cached.interleave and checkpointed.interleave, family
     # fp64 is exact up to rounding, except that transformers' Gemma 2 eager attention takes its
     # softmax in fp32 (the cached teacher's cascade attention keeps fp64)
     rel = 1e-6 if family == "gemma2" else 1e-9
     for start in (0, 3, 0):  # builds the prefix, uses it, (LoRA) takes the teacher from the cache
         _, batch = data_and_batch(tok, start)
         results = []
-        for m in (plain, cached):
+        for m in (plain, cached, checkpointed):
+            if m is checkpointed:
+                assert checkpoint_activations(model) == causal_lm(model).config.num_hidden_layers
             model.zero_grad()
             model.train()
             value, _ = m(batch, 1.0)
             value.backward()
             results.append((value.item(), [p.grad.clone() for p in model.parameters()
                                            if p.requires_grad]))
+            causal_lm(model).activation_checkpointing_disable()
         cached.after_optimizer_step()  # a live teacher's prefix is rebuilt after each update
+        checkpointed.after_optimizer_step()
         assert results[0][0] > 1e-6
-        assert results[1][0] == pytest.approx(results[0][0], rel=rel), family
-        for a, b in zip(results[1][1], results[0][1]):  # each gradient tensor, as a whole
-            assert (a - b).norm() <= 100 * rel * b.norm() + 1e-15, family
-    assert cached.work.prefix_builds == (3 if mode == "live" else 1)
-    if mode != "live":
-        assert cached.work.cached == 1
+        for got in results[1:]:
+            assert got[0] == pytest.approx(results[0][0], rel=rel), family
+            for a, b in zip(got[1], results[0][1]):  # each gradient tensor, as a whole
+                assert (a - b).norm() <= 100 * rel * b.norm() + 1e-15, family
+    for m in (cached, checkpointed):
+        assert m.work.prefix_builds == (3 if mode == "live" else 1)
+        if mode != "live":
+            assert m.work.cached == 1
 
 
 @pytest.mark.parametrize("window, softcap", [(None, None), (5, None), (None, 2.0), (3, 2.0)])
