@@ -20,7 +20,8 @@ stop the others):
 6. ``prefix_attention`` — the shared-prefix attention on CUDA (flex, compiled) against the exact
    reference, with a sliding window and a softcap, at B 8, 32 heads, prefix 512, suffix 1024:
    error, time and peak memory of both (a fallback of flex to exact fails the step);
-7. ``train_tiny`` — ``deepspeed rdcore/train.py`` for a few steps on 1 GPU, ZeRO-3, bf16;
+7. ``train_tiny`` — ``deepspeed rdcore/train.py`` for a few steps on 1 GPU, ZeRO-3, bf16,
+   ``--activation_checkpointing on``;
 8. ``train_rulebook`` — ``make demo``'s path on the GPU, shortened: rule book ``french``, the
    teacher writes the responses (generation with the rule-prefix cache on the GPU),
    Rule-Distill-Enhanced (stage 1, the tuned teacher's responses, distillation: 4 steps each), then
@@ -246,6 +247,8 @@ def run_step(name: str, runs: Path, opt: Options, deadline: float | None = None)
                "--ds_config", "ds_configs/zero3_bf16_gpu.json", "--output_dir", str(out),
                "--overwrite", "on", "--tensorboard", "off"]
         cmd += RULEBOOK_FLAGS if name == "train_rulebook" else ["--save_model", "off"]
+        if name == "train_tiny":  # the recompute under ZeRO-3 on CUDA (the others run without)
+            cmd += ["--activation_checkpointing", "on"]
         ok, text = run_child(cmd, 240, env, deadline)
         rows = []
         if (out / "metrics.jsonl").is_file():

@@ -247,6 +247,7 @@ def _common_fields(data, P: int, cuda: bool, dtype, model) -> dict:
         "layers_recomputed": sum(bool(m.gradient_checkpointing and m.training)
                                  for m in model.modules()
                                  if isinstance(m, GradientCheckpointingLayer)),
+        "layers": sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules()),
         "rule_prefix_tokens": P,
         "mean_teacher_len": sum(len(e.teacher_ids) for e in data) / len(data),
         "examples": len(data),
@@ -494,7 +495,7 @@ def summary() -> int:
                       f"{ratio('e', peer):.2f}x (>= 2); peak (d)/({peer}) "
                       f"{ratio('d', peer, 'peak_mem_mib'):.2f}, (e)/({peer}) "
                       f"{ratio('e', peer, 'peak_mem_mib'):.2f} (<= 0.5)")
-        if not any("d" in run for run in runs.values()):
+        if not any("d" in run and "a" in run for run in runs.values()):
             continue
         frac = med("d", "rule_prefix_tokens") / med("d", "mean_teacher_len")
         cut = 1 - ratio("d", "c", "teacher_s_per_step")
@@ -502,6 +503,25 @@ def summary() -> int:
               f"peak (d)/(a) {ratio('d', 'a', 'peak_mem_mib'):.2f}, (e)/(a) "
               f"{ratio('e', 'a', 'peak_mem_mib'):.2f} (<= 0.5); teacher time cut {cut:.0%} with the "
               f"rule {frac:.0%} of teacher tokens (>= {0.8 * frac:.0%})")
+    pairs: dict[tuple, dict[bool, dict[str, dict]]] = {}
+    for r in rows:  # rows of one invocation and round, with and without checkpointing
+        if "round" in r:
+            key = (r["device"], r["model"], r["task"], r["batch_size"], r["run"], r["round"])
+            pairs.setdefault(key, {}).setdefault(bool(r["activation_checkpointing"]), {})[
+                r["variant"]] = r
+    by_task: dict[tuple, list[dict[bool, dict[str, dict]]]] = {}
+    for key, both in pairs.items():
+        if len(both) == 2:
+            by_task.setdefault(key[:4], []).append(both)
+    for (device, model, task, bsz), sweeps in by_task.items():
+        print(f"\n{model}, {task}, batch {bsz}, {device}: activation checkpointing on / off in the "
+              f"same sweep, medians over {len(sweeps)} sweep(s)")
+        for v in VARIANTS:
+            got = [(b[True][v], b[False][v]) for b in sweeps if v in b[True] and v in b[False]]
+            if got:
+                speed, mem = (statistics.median(on[k] / off[k] for on, off in got)
+                              for k in ("samples_per_s", "peak_mem_mib"))
+                print(f"{v + ': ' + VARIANTS[v]:24} samples/s {speed:.2f}x, peak memory {mem:.2f}x")
     return 0
 
 
@@ -525,8 +545,8 @@ def _sweep(args: argparse.Namespace, task: str, ckpt: str) -> dict[str, dict] | 
             print(f"{task} {v}: failed\n{proc.stderr[-3000:]}")
             return None
         r = json.loads(line[0][len("RESULT "):])
-        if bool(r["layers_recomputed"]) != (ckpt == "on"):
-            print(f"{task} {v}: {r['layers_recomputed']} layers recomputed in backward, "
+        if r["layers_recomputed"] != (r["layers"] if ckpt == "on" else 0):
+            print(f"{task} {v}: {r['layers_recomputed']} of {r['layers']} layers recomputed in backward, "
                   f"--activation_checkpointing {ckpt}")
             return None
         r["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -588,7 +608,7 @@ def main() -> int:
         return 0
     sha = git_sha()
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
-    rows = []
+    saved = 0
     settings = ["off", "on"] if args.activation_checkpointing == "both" else [
         args.activation_checkpointing]
     print(f"{'task':16} {'variant':24} {'samples/s':>10} {'vs a':>6} {'vs b':>6} "
@@ -599,17 +619,17 @@ def main() -> int:
                 got = _sweep(args, task, ckpt)
                 if got is None:
                     return 1
-                for v, r in got.items():
-                    rows.append({"model": args.model, "task": task, "variant": v,
-                                 "name": VARIANTS[v], "batch_size": args.batch_size,
-                                 "shots": args.shots, "activation_checkpointing": ckpt == "on",
-                                 "round": rnd, "git": sha, "run": run_id, **r})
-    if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as fh:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
-        print(f"appended {len(rows)} rows to {RESULTS.relative_to(ROOT)}")
+                rows = [{"model": args.model, "task": task, "variant": v, "name": VARIANTS[v],
+                         "batch_size": args.batch_size, "shots": args.shots,
+                         "activation_checkpointing": ckpt == "on", "round": rnd, "git": sha,
+                         "run": run_id, **r} for v, r in got.items()]
+                if not args.no_save:  # after every sweep: a later failure loses nothing
+                    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+                    with RESULTS.open("a") as fh:
+                        fh.writelines(json.dumps(r) + "\n" for r in rows)
+                    saved += len(rows)
+    if saved:
+        print(f"appended {saved} rows to {RESULTS.relative_to(ROOT)}")
     return 0
 
 

@@ -119,18 +119,20 @@ def write_responses(model: Any, tokenizer: Any, examples: Sequence[RuleExample],
         return done
     P = rule_prefix_len([prompts[i] for i in todo], [len(prompts[i]) for i in todo])
     longest = max(len(prompts[i]) for i in todo) + sampling.max_new_tokens
-    cache = None
-    if use_prefix_cache and P > 0 and prefix_cacheable(model, longest):
-        device = model.get_output_embeddings().weight.device
-        with torch.no_grad():
-            cache = model(input_ids=torch.tensor([prompts[todo[0]][:P]], device=device),
-                          use_cache=True).past_key_values
-    else:
-        P = 0
+    # eval mode (no dropout; no activation checkpointing, which would drop the K/V cache) and the
+    # caller's random state kept, from the rule prefix's pass on
     was_training = model.training
     model.eval()
     generator_state = torch.random.get_rng_state()
     try:
+        cache = None
+        if use_prefix_cache and P > 0 and prefix_cacheable(model, longest):
+            device = model.get_output_embeddings().weight.device
+            with torch.no_grad():
+                cache = model(input_ids=torch.tensor([prompts[todo[0]][:P]], device=device),
+                              use_cache=True).past_key_values
+        else:
+            P = 0
         for b0 in range(0, len(todo), batch_size):
             idx = todo[b0: b0 + batch_size]
             if sampling.temperature > 0:  # each batch's draws depend only on the seed and batch

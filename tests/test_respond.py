@@ -28,6 +28,32 @@ def test_the_prefix_cache_gives_the_plain_generation(tiny):
     assert a == b and a != cached and torch.equal(state, torch.random.get_rng_state())
 
 
+def test_the_rule_prefix_pass_runs_in_eval_mode_with_the_callers_random_state():
+    """A LoRA teacher with dropout, in training mode, activation checkpointing on (as the trainer
+    leaves it): the prefix K/V is computed without dropout — the cached generation is the plain
+    one — and neither the random state nor the training mode changes."""
+    from rdcore.distill import add_lora, checkpoint_activations, lora_config
+    from rdcore.models import load_model
+
+    model, tok = load_model("tiny", seed=1)
+    model = add_lora(model, lora_config(4, 8, 0.5))
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_" in name:  # adapters large enough that dropout would change the tokens
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+    checkpoint_activations(model)
+    model.train()
+    examples = load_task("math", "train", 8)[:6]
+    enc = Encoder(tok)
+    greedy = Sampling(max_new_tokens=6)
+    torch.manual_seed(7)
+    state = torch.random.get_rng_state()
+    cached = write_responses(model, tok, examples, enc, greedy, batch_size=4)
+    assert torch.equal(state, torch.random.get_rng_state()) and model.training
+    plain = write_responses(model, tok, examples, enc, greedy, batch_size=4, use_prefix_cache=False)
+    assert cached == plain and len(cached) == 6
+
+
 def test_a_part_file_resumes(tiny, tmp_path, monkeypatch):
     model, tok = tiny
     examples = load_task("math", "train", 8)[:5]
