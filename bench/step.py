@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import itertools
 import json
 import platform
 import resource
@@ -515,7 +516,7 @@ def summary() -> int:
             by_task.setdefault(key[:4], []).append(both)
     for (device, model, task, bsz), sweeps in by_task.items():
         print(f"\n{model}, {task}, batch {bsz}, {device}: activation checkpointing on / off in the "
-              f"same sweep, medians over {len(sweeps)} sweep(s)")
+              f"same round, medians over {len(sweeps)} round(s)")
         for v in VARIANTS:
             got = [(b[True][v], b[False][v]) for b in sweeps if v in b[True] and v in b[False]]
             if got:
@@ -525,9 +526,9 @@ def summary() -> int:
     return 0
 
 
-def _sweep(args: argparse.Namespace, task: str, ckpt: str) -> dict[str, dict] | None:
+def _sweep(args: argparse.Namespace, task: str, ckpt: str) -> tuple[dict[str, dict], bool]:
     """One sweep over the variants on one task, each in its own process; prints its rows and the
-    ratios to the peers. None if a variant failed."""
+    ratios to the peers. Returns the results so far and whether every variant ran."""
     got: dict[str, dict] = {}
     label = task + (" +ckpt" if ckpt == "on" else "")
     for v in args.variants.split(","):
@@ -543,12 +544,13 @@ def _sweep(args: argparse.Namespace, task: str, ckpt: str) -> dict[str, dict] | 
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
             print(f"{task} {v}: failed\n{proc.stderr[-3000:]}")
-            return None
+            return got, False
         r = json.loads(line[0][len("RESULT "):])
-        if r["layers_recomputed"] != (r["layers"] if ckpt == "on" else 0):
-            print(f"{task} {v}: {r['layers_recomputed']} of {r['layers']} layers recomputed in backward, "
-                  f"--activation_checkpointing {ckpt}")
-            return None
+        want = r["layers"] if ckpt == "on" else 0
+        if r["layers_recomputed"] != want or (ckpt == "on" and not want):
+            print(f"{task} {v}: {r['layers_recomputed']} of {r['layers']} layers recomputed in "
+                  f"backward, --activation_checkpointing {ckpt}")
+            return got, False
         r["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         got[v] = r
         ra = r["samples_per_s"] / got["a"]["samples_per_s"] if "a" in got else float("nan")
@@ -570,7 +572,7 @@ def _sweep(args: argparse.Namespace, task: str, ckpt: str) -> dict[str, dict] | 
                       f"{got[v]['samples_per_s'] / got[peer]['samples_per_s']:.2f}x (goal >= 2), "
                       f"peak memory {got[v]['peak_mem_mib'] / got[peer]['peak_mem_mib']:.2f}x "
                       "(goal <= 0.5)")
-    return got
+    return got, True
 
 
 def main() -> int:
@@ -613,24 +615,23 @@ def main() -> int:
         args.activation_checkpointing]
     print(f"{'task':16} {'variant':24} {'samples/s':>10} {'vs a':>6} {'vs b':>6} "
           f"{'teacher tok/sample':>18} {'teacher s/step':>14} {'peak MiB':>9}")
-    for rnd in range(args.rounds):
-        for ckpt in settings:
-            for task in args.tasks.split(","):
-                got = _sweep(args, task, ckpt)
-                if got is None:
-                    return 1
-                rows = [{"model": args.model, "task": task, "variant": v, "name": VARIANTS[v],
-                         "batch_size": args.batch_size, "shots": args.shots,
-                         "activation_checkpointing": ckpt == "on", "round": rnd, "git": sha,
-                         "run": run_id, **r} for v, r in got.items()]
-                if not args.no_save:  # after every sweep: a later failure loses nothing
-                    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-                    with RESULTS.open("a") as fh:
-                        fh.writelines(json.dumps(r) + "\n" for r in rows)
-                    saved += len(rows)
+    ok = True
+    for rnd, ckpt, task in itertools.product(range(args.rounds), settings, args.tasks.split(",")):
+        got, ok = _sweep(args, task, ckpt)
+        rows = [{"model": args.model, "task": task, "variant": v, "name": VARIANTS[v],
+                 "batch_size": args.batch_size, "shots": args.shots,
+                 "activation_checkpointing": ckpt == "on", "round": rnd, "git": sha,
+                 "run": run_id, **r} for v, r in got.items()]
+        if not args.no_save:  # after every sweep, a failed one's finished variants too
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            with RESULTS.open("a") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
+            saved += len(rows)
+        if not ok:
+            break
     if saved:
         print(f"appended {saved} rows to {RESULTS.relative_to(ROOT)}")
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -108,7 +108,8 @@ def checkpoint_activations(model: nn.Module) -> int:
     The student keeps one hidden state per layer instead of its attention and MLP intermediates,
     for one more student forward per step. The teacher pass is untouched: it runs in eval mode
     under ``no_grad`` (transformers checkpoints only modules in training mode), so its rule-prefix
-    K/V cache is read as before. Returns the number of layers recomputed."""
+    K/V cache is read as before. Returns the number of layers recomputed as the model stands
+    (checkpointing on and in training mode: call it after ``model.train()``)."""
     lm = causal_lm(model)
     if not getattr(lm, "supports_gradient_checkpointing", False):
         raise ConfigError(f"{model_name(model)} does not support gradient checkpointing "
@@ -123,7 +124,8 @@ def checkpoint_activations(model: nn.Module) -> int:
     # does not need it, and it would make the teacher's embedding output a grad-requiring leaf
     if hasattr(lm, "disable_input_require_grads"):
         lm.disable_input_require_grads()
-    return sum(bool(getattr(m, "gradient_checkpointing", False)) for m in decoder_layers(model))
+    return sum(bool(getattr(m, "gradient_checkpointing", False)) and m.training
+               for m in decoder_layers(model))
 
 
 def _lora_layers(model: nn.Module) -> Iterator[nn.Module]:

@@ -29,6 +29,7 @@ import torch
 
 from rdcore import DataError
 from rdcore.data import Encoder, RuleExample, rule_prefix_len
+from rdcore.distill import eval_mode
 from rdcore.files import atomic_write_text
 
 log = logging.getLogger("rdcore.train")
@@ -119,15 +120,13 @@ def write_responses(model: Any, tokenizer: Any, examples: Sequence[RuleExample],
         return done
     P = rule_prefix_len([prompts[i] for i in todo], [len(prompts[i]) for i in todo])
     longest = max(len(prompts[i]) for i in todo) + sampling.max_new_tokens
-    # eval mode (no dropout; no activation checkpointing, which would drop the K/V cache) and the
-    # caller's random state kept, from the rule prefix's pass on
-    was_training = model.training
-    model.eval()
-    generator_state = torch.random.get_rng_state()
-    try:
+    # eval mode (no dropout; no activation checkpointing, which would drop the K/V cache; each
+    # module's own flag restored) and the caller's random state kept (CPU and the model's GPU),
+    # from the rule prefix's pass on
+    device = model.get_output_embeddings().weight.device
+    with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         cache = None
         if use_prefix_cache and P > 0 and prefix_cacheable(model, longest):
-            device = model.get_output_embeddings().weight.device
             with torch.no_grad():
                 cache = model(input_ids=torch.tensor([prompts[todo[0]][:P]], device=device),
                               use_cache=True).past_key_values
@@ -144,9 +143,6 @@ def write_responses(model: Any, tokenizer: Any, examples: Sequence[RuleExample],
                 with part.open("a") as fh:
                     fh.writelines(json.dumps({"index": i, "response": r}) + "\n" for i, r in rows)
             log.info("teacher responses: %d/%d", len(done), len(examples))
-    finally:
-        torch.random.set_rng_state(generator_state)
-        model.train(was_training)
     return done
 
 

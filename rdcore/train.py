@@ -337,7 +337,7 @@ def setup_stage(stage: Stage, out: Path, rank: int, world: int) -> StageRun:
         if cfg.responses == "teacher":
             val = teacher_written(stage, model, tokenizer, val, "valid", out, rank, world)
         val_data = build_data(cfg, tokenizer, "valid", val)
-    if cfg.activation_checkpointing:  # after the teacher-written responses' generation
+    if cfg.activation_checkpointing:  # after the teacher-written responses, in training mode
         log.info("[%s] activation checkpointing: %d decoder layers recomputed in backward",
                  stage.name, checkpoint_activations(model))
     module = build_module(cfg, model, data, stage.name)

@@ -254,9 +254,9 @@ def test_activation_checkpointing_same_gradients_fewer_saved_bytes(mode, interle
         if mode == "disabled":
             torch.manual_seed(0)  # the same LoRA A both times
             model = add_lora(model, lora_config(4, 8, 0.1))  # dropout: replayed in the recompute
-        if ckpt:
-            checkpoint_activations(model)
         model.train()
+        if ckpt:
+            assert checkpoint_activations(model) == 2  # the tiny model's layers
         data = data or Encoder(tok).encode(load_task("math", "train", 8))
         module = RuleDistillModule(model, "rule_distill_base", mode, loss=LossWeights(beta=5.0),
                                    rule_prefix_ids=data.rule_prefix_ids, interleave=interleave)
@@ -281,6 +281,7 @@ def test_activation_checkpointing_same_gradients_fewer_saved_bytes(mode, interle
             got.append((loss.detach(), [p.grad.clone() for p in model.parameters()
                                         if p.requires_grad]))
         assert module.prefix.valid and module.interleave == interleave
+        assert module.work.prefix_builds == 1  # built by the first batch, read by the second
         results.append((saved, got))
     (saved_off, off), (saved_on, on) = results
     for (loss_a, grads_a), (loss_b, grads_b) in zip(off, on):

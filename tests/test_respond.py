@@ -41,8 +41,9 @@ def test_the_rule_prefix_pass_runs_in_eval_mode_with_the_callers_random_state():
     for name, p in model.named_parameters():
         if "lora_" in name:  # adapters large enough that dropout would change the tokens
             p.data = torch.randn(p.shape, generator=g) * 0.5
-    checkpoint_activations(model)
     model.train()
+    assert checkpoint_activations(model) == 2
+    assert prefix_cacheable(model, 512)  # the cached path is the one under test
     examples = load_task("math", "train", 8)[:6]
     enc = Encoder(tok)
     greedy = Sampling(max_new_tokens=6)
