@@ -239,16 +239,16 @@ def _common_fields(data, P: int, cuda: bool, dtype, model) -> dict:
     student recomputes in backward (checkpointing on and training mode: transformers checkpoints
     only a layer in training mode), the data and the device."""
     import torch
-    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from rdcore.architecture import decoder_layers
+    from rdcore.distill import recomputed_layers
 
     peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {
         "peak_mem_mib": peak / 2**20,
-        "layers_recomputed": sum(bool(m.gradient_checkpointing and m.training)
-                                 for m in model.modules()
-                                 if isinstance(m, GradientCheckpointingLayer)),
-        "layers": sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules()),
+        "layers_recomputed": recomputed_layers(model),
+        "layers": len(decoder_layers(model)),
         "rule_prefix_tokens": P,
         "mean_teacher_len": sum(len(e.teacher_ids) for e in data) / len(data),
         "examples": len(data),
@@ -262,6 +262,19 @@ def _common_fields(data, P: int, cuda: bool, dtype, model) -> dict:
 def _kind(r: dict) -> str:
     """The rows' setting beyond model, task and batch: activation checkpointing on or off."""
     return " +ckpt" if r.get("activation_checkpointing") else ""
+
+
+def _trl_row(args, todo: list[list[int]], step_times: list[float], teacher_time: list[float],
+             tokens: int, data, cuda: bool, dtype, model) -> dict:
+    """A TRL variant's row: samples/s over the timed steps (after ``--warmup``), teacher work."""
+    timed = step_times[args.warmup:]
+    sizes = [len(ids) for ids in todo[args.warmup:]]
+    return {
+        "samples_per_s": statistics.mean(sizes) / statistics.median(timed),
+        "samples_per_s_per_epoch": None,
+        "teacher_tokens_per_sample": tokens / sum(len(ids) for ids in todo),
+        "teacher_s_per_step": statistics.median(teacher_time[args.warmup:]),
+        **_common_fields(data, 0, cuda, dtype, model), "trl": versions("trl")["trl"]}
 
 
 def _trl_gkd(args, model, teacher, tok, data, batches, pad: int, cuda: bool, dtype) -> dict:
@@ -315,14 +328,7 @@ def _trl_gkd(args, model, teacher, tok, data, batches, pad: int, cuda: bool, dty
         trainer = InOrder(model=model, teacher_model=teacher, args=cfg, train_dataset=rows,
                           data_collator=collator, processing_class=tok, callbacks=[Clock()])
         trainer.train()
-    timed = step_times[args.warmup:]
-    sizes = [len(ids) for ids in todo[args.warmup:]]
-    return {
-        "samples_per_s": statistics.mean(sizes) / statistics.median(timed),
-        "samples_per_s_per_epoch": None,
-        "teacher_tokens_per_sample": tokens[0] / sum(len(ids) for ids in todo),
-        "teacher_s_per_step": statistics.median(teacher_time[args.warmup:]),
-        **_common_fields(data, 0, cuda, dtype, model), "trl": versions("trl")["trl"]}
+    return _trl_row(args, todo, step_times, teacher_time, tokens[0], data, cuda, dtype, model)
 
 
 def _sdft_inputs(exs, pad: int, device) -> dict:
@@ -392,14 +398,7 @@ def _trl_sdft_loss(args, model, tok, data, batches, pad: int, cuda: bool, dtype)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step_times.append(_now(cuda) - t0)
-    timed = step_times[args.warmup:]
-    sizes = [len(ids) for ids in todo[args.warmup:]]
-    return {
-        "samples_per_s": statistics.mean(sizes) / statistics.median(timed),
-        "samples_per_s_per_epoch": None,
-        "teacher_tokens_per_sample": tokens / sum(len(ids) for ids in todo),
-        "teacher_s_per_step": statistics.median(teacher_time[args.warmup:]),
-        **_common_fields(data, 0, cuda, dtype, model), "trl": versions("trl")["trl"]}
+    return _trl_row(args, todo, step_times, teacher_time, tokens, data, cuda, dtype, model)
 
 
 def _left_pad_to(exs, pad: int, length: int, device):

@@ -124,6 +124,12 @@ def checkpoint_activations(model: nn.Module) -> int:
     # does not need it, and it would make the teacher's embedding output a grad-requiring leaf
     if hasattr(lm, "disable_input_require_grads"):
         lm.disable_input_require_grads()
+    return recomputed_layers(model)
+
+
+def recomputed_layers(model: nn.Module) -> int:
+    """The decoder layers that are recomputed in backward as the model stands: checkpointing on
+    and in training mode (transformers checkpoints only a layer in training mode)."""
     return sum(bool(getattr(m, "gradient_checkpointing", False)) and m.training
                for m in decoder_layers(model))
 
